@@ -1,0 +1,1 @@
+"""The gRPC frontend: hashing, cache, batching, servicer, metrics."""

@@ -1,0 +1,133 @@
+"""The dynamic batcher: misses from all requests queue here until a worker takes a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+from typing import Any
+
+from featurebank.server.errors import DeadlineExceededError, QueueFullError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class PendingItem:
+    """One input waiting for features; several requests may wait on it (single-flight)."""
+
+    payload: Any  # a featurebank.workers.messages.InputItem
+    layer: str
+    future: asyncio.Future
+    deadline: float | None = None  # loop.time(); None = no deadline
+    waiters: int = 1  # requests still interested; 0 = everyone left, do not compute
+    attempts: int = 0  # times a batch holding this item killed a worker
+    enqueued_at: float = 0.0
+
+    def abandoned(self, now: float) -> str | None:
+        """Why this item should not reach a worker ("cancelled", "deadline"), or None."""
+        if self.future.done() or self.waiters <= 0:
+            return "cancelled"
+        if self.deadline is not None and now >= self.deadline:
+            return "deadline"
+        return None
+
+
+class DynamicBatcher:
+    """Collects items up to ``max_batch_size`` or ``max_batch_delay_ms``, whichever comes first.
+
+    The queue is bounded: ``submit`` raises QueueFullError (RESOURCE_EXHAUSTED) instead of letting
+    memory grow. Items whose requests were cancelled or are past their deadline are dropped when
+    a batch is formed, so they never cost a worker anything. Items that were in a batch that
+    killed a worker come back through ``requeue`` and are then sent alone, so one poisonous input
+    cannot take its neighbours down with it.
+    """
+
+    def __init__(self, *, max_batch_size: int, max_batch_delay_ms: float, max_queue_size: int,
+                 on_drop=None, on_depth=None):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_delay_ms < 0:
+            raise ValueError(f"max_batch_delay_ms must be >= 0, got {max_batch_delay_ms}")
+        if max_queue_size < max_batch_size:
+            raise ValueError(f"max_queue_size ({max_queue_size}) must be >= max_batch_size ({max_batch_size})")
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self._queue: collections.deque[PendingItem] = collections.deque()
+        self._retry: collections.deque[PendingItem] = collections.deque()
+        self._nonempty = asyncio.Event()
+        self._full = asyncio.Event()
+        self._on_drop = on_drop or (lambda item, reason: None)
+        self._on_depth = on_depth or (lambda depth: None)
+
+    def __len__(self) -> int:
+        return len(self._queue) + len(self._retry)
+
+    def submit(self, item: PendingItem) -> None:
+        """Queue one item; raises QueueFullError when ``max_queue_size`` items are waiting."""
+        if len(self) >= self.max_queue_size:
+            raise QueueFullError(
+                f"server overloaded: {len(self)} items queued (max_queue_size={self.max_queue_size}); retry with backoff"
+            )
+        item.enqueued_at = asyncio.get_running_loop().time()
+        self._queue.append(item)
+        self._signal()
+
+    def requeue(self, items: list[PendingItem]) -> None:
+        """Put items of a failed batch back at the front; they will be sent one per batch."""
+        self._retry.extend(items)
+        self._signal()
+
+    def _signal(self) -> None:
+        self._nonempty.set()
+        if len(self._queue) >= self.max_batch_size:
+            self._full.set()
+        self._on_depth(len(self))
+
+    async def wait_for_batch(self) -> list[PendingItem]:
+        """The next non-empty batch: waits for a first item, then up to the delay for a full batch."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while not len(self):
+                self._nonempty.clear()
+                await self._nonempty.wait()
+            if self._retry:
+                batch = self._take_retry(loop.time())
+            else:
+                if len(self._queue) < self.max_batch_size and self.max_batch_delay_s > 0:
+                    self._full.clear()
+                    try:
+                        await asyncio.wait_for(self._full.wait(), self.max_batch_delay_s)
+                    except asyncio.TimeoutError:
+                        pass
+                batch = self._take(loop.time())
+            self._on_depth(len(self))
+            if batch:
+                return batch
+
+    def _take_retry(self, now: float) -> list[PendingItem]:
+        while self._retry:
+            item = self._retry.popleft()
+            if not self._dropped(item, now):
+                return [item]
+        return []
+
+    def _take(self, now: float) -> list[PendingItem]:
+        batch: list[PendingItem] = []
+        while self._queue and len(batch) < self.max_batch_size:
+            item = self._queue.popleft()
+            if not self._dropped(item, now):
+                batch.append(item)
+        return batch
+
+    def _dropped(self, item: PendingItem, now: float) -> bool:
+        reason = item.abandoned(now)
+        if reason is None:
+            return False
+        if not item.future.done():
+            item.future.set_exception(DeadlineExceededError(f"item dropped before compute: {reason}"))
+            item.future.exception()  # mark retrieved: nobody may be waiting any more
+        self._on_drop(item, reason)
+        return True

@@ -1,0 +1,164 @@
+"""Feature cache backends behind one interface: Redis (shared, TTL'd) and an in-process LRU."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import logging
+import time
+from typing import Sequence
+
+from featurebank.server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class FeatureCache(abc.ABC):
+    """Multi-key get/set of encoded feature values. Never raises on backend trouble: a cache that
+    cannot answer reports misses and drops writes, so requests still succeed uncached."""
+
+    name = "cache"
+
+    @abc.abstractmethod
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Values for keys, None where missing (one round trip)."""
+
+    @abc.abstractmethod
+    async def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Store values with the configured TTL (one round trip)."""
+
+    async def close(self) -> None:
+        return None
+
+
+class LRUCache(FeatureCache):
+    """In-process cache bounded in bytes (values + keys), with a TTL; the default without Redis."""
+
+    name = "lru"
+
+    def __init__(self, max_bytes: int, ttl_seconds: float):
+        self.max_bytes = max_bytes
+        self.ttl_seconds = ttl_seconds
+        self._data: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
+        self.bytes_used = 0
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        now = time.monotonic()
+        out: list[bytes | None] = []
+        for k in keys:
+            entry = self._data.get(k)
+            if entry is None or entry[1] < now:
+                if entry is not None:
+                    self._evict(k)
+                out.append(None)
+                continue
+            self._data.move_to_end(k)
+            out.append(entry[0])
+        return out
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        expires = time.monotonic() + self.ttl_seconds
+        for k, v in items:
+            size = len(k) + len(v)
+            if size > self.max_bytes:
+                continue
+            if k in self._data:
+                self._evict(k)
+            self._data[k] = (v, expires)
+            self.bytes_used += size
+            while self.bytes_used > self.max_bytes:
+                self._evict(next(iter(self._data)))
+
+    def _evict(self, key: str) -> None:
+        v, _ = self._data.pop(key)
+        self.bytes_used -= len(key) + len(v)
+
+
+class RedisCache(FeatureCache):
+    """Redis (or any Redis-protocol server): MGET / pipelined SET EX, bounded by timeouts.
+
+    When Redis errors or times out, the cache counts it, logs it (once per outage) and stays out
+    of the request path for ``retry_interval_s``; then the next request tries again, so caching
+    resumes by itself when Redis is back.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_seconds: int,
+        timeout_s: float,
+        metrics: Metrics,
+        retry_interval_s: float = 1.0,
+    ):
+        self.url = url
+        self.ttl_seconds = int(ttl_seconds)
+        self.timeout_s = timeout_s
+        self.retry_interval_s = retry_interval_s
+        self._metrics = metrics
+        self._client = None
+        self._down_until = 0.0
+        self._outage = False
+
+    def _redis(self):
+        if self._client is None:  # lazily, so a server starts even when Redis is down
+            import redis.asyncio as redis
+
+            self._client = redis.Redis.from_url(
+                self.url,
+                socket_timeout=self.timeout_s,
+                socket_connect_timeout=self.timeout_s,
+                health_check_interval=30,
+                max_connections=256,
+            )
+        return self._client
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, op: str, err: BaseException) -> None:
+        self._metrics.cache_errors.labels(op=op).inc()
+        self._down_until = time.monotonic() + self.retry_interval_s
+        if not self._outage:
+            logger.warning("redis %s failed (%s: %s); serving uncached, retrying every %.1fs",
+                           op, type(err).__name__, err, self.retry_interval_s)
+        self._outage = True
+
+    def _ok(self) -> None:
+        if self._outage:
+            logger.info("redis is back; caching resumed")
+        self._outage = False
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        if not self._available():
+            return [None] * len(keys)
+        try:
+            values = await asyncio.wait_for(self._redis().mget(list(keys)), self.timeout_s)
+        except Exception as e:  # redis errors, OSError, timeouts: all mean "uncached"
+            self._failed("get", e)
+            return [None] * len(keys)
+        self._ok()
+        return values
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        if not items or not self._available():
+            return
+        try:
+            pipe = self._redis().pipeline(transaction=False)
+            for k, v in items:
+                pipe.set(k, v, ex=self.ttl_seconds)
+            await asyncio.wait_for(pipe.execute(), self.timeout_s)
+        except Exception as e:
+            self._failed("set", e)
+            return
+        self._ok()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

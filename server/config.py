@@ -1,0 +1,135 @@
+"""The server's one typed config: defaults, validation, and CLI flags / FEATUREBANK_* env vars."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+from featurebank.workers.backbones.registry import DEFAULT_BACKBONES
+
+
+def _field(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Settings of one featurebank server process. Every field is a ``--flag`` and a
+    ``FEATUREBANK_FLAG`` env var (flags win over env vars, env vars over defaults)."""
+
+    host: str = _field("[::]", "address to bind the gRPC port on")
+    port: int = _field(50051, "gRPC port (0 = pick a free one)")
+    metrics_port: int = _field(9464, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)")
+    backbone: list = _field(
+        list(DEFAULT_BACKBONES),
+        "backbones to serve, NAME or NAME=WEIGHTS_PATH, repeatable or comma-separated; "
+        "the first of each input kind is the default for requests naming none",
+    )
+    workers: int = _field(1, "worker processes per backbone (with --gpus: one per GPU when 0)")
+    gpus: str = _field("", "comma-separated CUDA device indices to pin workers to, e.g. 0,1 (empty: CPU)")
+    intra_op_threads: int = _field(0, "TensorFlow intra-op threads per worker (0 = TF default)")
+    inter_op_threads: int = _field(0, "TensorFlow inter-op threads per worker (0 = TF default)")
+    redis_url: str = _field("", "Redis URL for the shared feature cache, e.g. redis://localhost:6379/0 (empty: in-process LRU)")
+    redis_timeout_ms: float = _field(250.0, "timeout of one Redis round trip; slower counts as a cache error")
+    cache_ttl_seconds: int = _field(7 * 24 * 3600, "TTL of every cache entry")
+    cache_dtype: str = _field("float32", "dtype features are stored in: float32, or float16 to halve memory")
+    lru_max_bytes: int = _field(512 * 1024 * 1024, "byte budget of the in-process LRU cache (without Redis)")
+    max_batch_size: int = _field(32, "most items in one batch sent to a worker")
+    max_batch_delay_ms: float = _field(5.0, "longest an item waits for a batch to fill")
+    max_queue_size: int = _field(2048, "items waiting for a worker before requests get RESOURCE_EXHAUSTED")
+    max_items_per_request: int = _field(4096, "most inputs in one request")
+    max_message_bytes: int = _field(64 * 1024 * 1024, "largest gRPC message accepted or sent")
+    max_image_pixels: int = _field(40_000_000, "largest decoded image (width x height), checked before decoding")
+    grace_period_s: float = _field(20.0, "on SIGTERM: how long in-flight requests may take to finish")
+    warmup: bool = _field(True, "trace every batch shape before reporting ready")
+    port_file: str = _field("", "write {\"port\", \"metrics_port\"} as JSON here once serving (for tests and scripts)")
+    log_level: str = _field("INFO", "logging level")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, str):
+            self.backbone = [self.backbone]
+        self.backbone = [b.strip() for spec in self.backbone for b in spec.split(",") if b.strip()]
+        checks = [
+            ("port", 0 <= self.port <= 65535, "0..65535"),
+            ("metrics_port", -1 <= self.metrics_port <= 65535, "-1..65535"),
+            ("backbone", len(self.backbone) > 0, "at least one backbone"),
+            ("workers", 0 <= self.workers <= 64, "0..64 (0 only with --gpus)"),
+            ("intra_op_threads", self.intra_op_threads >= 0, ">= 0"),
+            ("inter_op_threads", self.inter_op_threads >= 0, ">= 0"),
+            ("redis_timeout_ms", 0 < self.redis_timeout_ms <= 60_000, "0 < ms <= 60000"),
+            ("cache_ttl_seconds", self.cache_ttl_seconds >= 1, ">= 1"),
+            ("cache_dtype", self.cache_dtype in ("float32", "float16"), "float32 or float16"),
+            ("lru_max_bytes", self.lru_max_bytes >= 0, ">= 0"),
+            ("max_batch_size", 1 <= self.max_batch_size <= 1024, "1..1024"),
+            ("max_batch_delay_ms", 0 <= self.max_batch_delay_ms <= 10_000, "0..10000"),
+            ("max_queue_size", self.max_queue_size >= self.max_batch_size, f">= max_batch_size ({self.max_batch_size})"),
+            ("max_items_per_request", self.max_items_per_request >= 1, ">= 1"),
+            ("max_message_bytes", 1 << 20 <= self.max_message_bytes <= 2**31 - 1, "1 MiB .. 2 GiB"),
+            ("max_image_pixels", self.max_image_pixels >= 1, ">= 1"),
+            ("grace_period_s", self.grace_period_s >= 0, ">= 0"),
+        ]
+        for name, ok, valid in checks:
+            if not ok:
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}: must be {valid}")
+        if self.workers == 0 and not self.gpu_list:
+            raise ValueError("invalid workers=0: must be >= 1 without --gpus")
+
+    @property
+    def gpu_list(self) -> list[str]:
+        return [g.strip() for g in self.gpus.split(",") if g.strip()]
+
+    @property
+    def backbone_specs(self) -> list[tuple[str, dict[str, Any]]]:
+        """(registry name, options) per --backbone: NAME=PATH sets the weights file."""
+        specs = []
+        for b in self.backbone:
+            name, _, weights = b.partition("=")
+            specs.append((name, {"weights": weights} if weights else {}))
+        return specs
+
+    @property
+    def num_workers(self) -> int:
+        return self.workers or len(self.gpu_list)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per ServerConfig field, defaulting to its FEATUREBANK_* env var if set."""
+    for f in dataclasses.fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_text = f"{f.metadata['help']} [env FEATUREBANK_{f.name.upper()}; default {default!r}]"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(default), default=None, help=help_text)
+
+
+def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerConfig:
+    """Build the config: flags, then FEATUREBANK_* env vars, then defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerConfig):
+        flag_value = getattr(args, f.name, None)
+        if flag_value is not None:
+            values[f.name] = flag_value
+            continue
+        raw = env.get(f"FEATUREBANK_{f.name.upper()}")
+        if raw is None:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        try:
+            if isinstance(default, bool):
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, list):
+                values[f.name] = [raw]
+            else:
+                values[f.name] = type(default)(raw)
+        except ValueError:
+            raise ValueError(f"invalid FEATUREBANK_{f.name.upper()}={raw!r}: expected {type(default).__name__}") from None
+    return ServerConfig(**values)

@@ -1,0 +1,62 @@
+"""The one place RPC errors become statuses, and where every RPC is counted and timed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from featurebank.server.errors import FeatureBankError
+from featurebank.server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "/featurebank.v1."
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps FeatureBankError to its status code (anything else to INTERNAL) and records
+    ``featurebank_requests_total{method,code}`` and ``featurebank_request_duration_seconds``."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(self, method: str, inner):
+        async def behavior(request, context: grpc.aio.ServicerContext):
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await inner(request, context)
+            except FeatureBankError as e:
+                code = e.code
+                await context.abort(e.code, e.message)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as e:
+                if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                logger.exception("%s failed", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}")
+            finally:
+                self.metrics.requests.labels(method, code.name).inc()
+                self.metrics.request_duration.labels(method).observe(time.perf_counter() - start)
+
+        return behavior

@@ -1,0 +1,66 @@
+"""Every Prometheus metric the server exports, declared in one place (prefix featurebank_)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets from 0.5 ms (a cache hit on loopback) to 30 s (a big batch on a busy CPU).
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """The server's metrics on their own registry, so several servers can live in one process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "featurebank_requests", "RPCs handled, by method and status code.", ["method", "code"], registry=r
+        )
+        self.items = Counter(
+            "featurebank_items", "Input items answered, by result: hit, miss (computed) or error.",
+            ["backbone", "layer", "result"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "featurebank_request_duration_seconds", "RPC latency as seen by the server.", ["method"],
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.batch_size = Histogram(
+            "featurebank_batch_size", "Items per batch sent to a worker.", ["backbone"],
+            buckets=BATCH_SIZE_BUCKETS, registry=r,
+        )
+        self.queue_delay = Histogram(
+            "featurebank_queue_delay_seconds", "Time an item waited in the batcher before a worker took it.",
+            ["backbone"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.inference_duration = Histogram(
+            "featurebank_inference_duration_seconds", "Worker time per batch: decode, preprocess and forward pass.",
+            ["backbone"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.queue_depth = Gauge("featurebank_queue_depth", "Items waiting in the batcher.", ["backbone"], registry=r)
+        self.workers_ready = Gauge("featurebank_workers_ready", "Worker processes ready to take batches.", ["backbone"], registry=r)
+        self.worker_restarts = Counter(
+            "featurebank_worker_restarts", "Worker processes restarted after dying.", ["backbone"], registry=r
+        )
+        self.cache_errors = Counter(
+            "featurebank_cache_errors", "Cache backend operations that failed or timed out.", ["op"], registry=r
+        )
+        self.cache_corrupt = Counter(
+            "featurebank_cache_corrupt_values", "Cached values that failed their checksum and were recomputed.", registry=r
+        )
+        self.singleflight_joins = Counter(
+            "featurebank_singleflight_joins", "Missed items that joined an identical computation already in flight.",
+            ["backbone"], registry=r,
+        )
+        self.rejected_items = Counter(
+            "featurebank_rejected_items", "Items refused because the batch queue was full.", ["backbone"], registry=r
+        )
+        self.dropped_items = Counter(
+            "featurebank_dropped_items", "Queued items dropped before a worker because their RPC was cancelled or past its deadline.",
+            ["backbone", "reason"], registry=r,
+        )
+        self.traces = Gauge(
+            "featurebank_worker_traces", "tf.function traces per worker since start (constant after warm-up).",
+            ["backbone", "worker"], registry=r,
+        )

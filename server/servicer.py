@@ -1,0 +1,301 @@
+"""The FeatureBank RPCs: hash inputs, read the cache in one round trip, batch the misses, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+from typing import Any
+
+import grpc
+import numpy as np
+
+from featurebank.client import keys as content_keys
+from featurebank.client import tensors
+from featurebank.server import codec
+from featurebank.server.batching import DynamicBatcher, PendingItem
+from featurebank.server.cache import FeatureCache
+from featurebank.server.errors import FeatureBankError, InvalidArgumentError, NotFoundError, QueueFullError
+from featurebank.server.keys import cache_key
+from featurebank.server.metrics import Metrics
+from featurebank.v1 import featurebank_pb2 as pb
+from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
+from featurebank.workers.backbones.base import BackboneInfo, InputItem
+
+logger = logging.getLogger(__name__)
+
+_CONTENT_KEY = re.compile(r"^[0-9a-f]{32}$")
+_OUTPUT_DTYPES = {pb.DTYPE_UNSPECIFIED: np.dtype("<f4"), pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
+# Which Input payloads each backbone input kind accepts (an image backbone takes raw pixel tensors).
+_ACCEPTS = {"image": ("image", "tensor"), "text": ("text",), "tensor": ("tensor",)}
+
+
+@dataclasses.dataclass
+class ServedBackbone:
+    """A backbone as the frontend sees it: its description and its batch queue."""
+
+    info: BackboneInfo
+    batcher: DynamicBatcher
+    pool: Any = None  # a featurebank.workers.pool.WorkerPool
+
+    @property
+    def layers(self) -> dict[str, tuple[int, ...]]:
+        return {l.name: l.shape for l in self.info.layers}
+
+
+class ItemFailure(Exception):
+    """Carries a per-item status; never leaves the servicer."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _set_error(result: pb.ItemResult, code: grpc.StatusCode, message: str) -> None:
+    result.error.code = code.value[0]
+    result.error.message = message
+
+
+class FeatureBankServicer(pb_grpc.FeatureBankServicer):
+    """Extract / Lookup / ListBackbones over the served backbones, the cache and the batchers."""
+
+    def __init__(self, backbones: dict[str, ServedBackbone], cache: FeatureCache, metrics: Metrics,
+                 *, storage_dtype: str, max_items_per_request: int, max_tensor_elements: int = 50_000_000):
+        self.backbones = backbones
+        self.cache = cache
+        self.metrics = metrics
+        self.storage_dtype = np.dtype(storage_dtype)
+        self.max_items_per_request = max_items_per_request
+        self.max_tensor_elements = max_tensor_elements
+        # Single-flight: cache key -> the computation in flight for it, shared by every request.
+        self.inflight: dict[str, PendingItem] = {}
+        self.default_for_kind: dict[str, str] = {}
+        for name, b in backbones.items():
+            for kind in _ACCEPTS[b.info.input_kind]:
+                if kind == b.info.input_kind or kind not in self.default_for_kind:
+                    self.default_for_kind.setdefault(kind, name)
+
+    # ----------------------------------------------------------------------------- resolution
+
+    def _resolve(self, backbone: str, layer: str, first_kind: str | None) -> tuple[ServedBackbone, str]:
+        if not backbone:
+            backbone = self.default_for_kind.get(first_kind or "", "")
+            if not backbone:
+                raise InvalidArgumentError(
+                    f"no backbone named and none is the default for {first_kind or 'these'} inputs; "
+                    f"served: {', '.join(sorted(self.backbones))}")
+        served = self.backbones.get(backbone)
+        if served is None:
+            raise NotFoundError(f"unknown backbone {backbone!r}; served: {', '.join(sorted(self.backbones))}")
+        layer = layer or served.info.default_layer
+        if layer not in served.layers:
+            raise NotFoundError(f"backbone {backbone!r} has no layer {layer!r}; layers: {', '.join(served.layers)}")
+        return served, layer
+
+    def _cache_key(self, served: ServedBackbone, layer: str, content_key: str) -> str:
+        return cache_key(content_key, fingerprint=served.info.fingerprint, layer=layer, storage_dtype=self.storage_dtype.name)
+
+    def _parse_input(self, served: ServedBackbone, item: pb.Input) -> tuple[str, InputItem]:
+        """Content key and worker payload of one input; ItemFailure for a bad one."""
+        kind = item.WhichOneof("payload")
+        if kind is None:
+            raise ItemFailure(grpc.StatusCode.INVALID_ARGUMENT, "empty input: set one of image, text, tensor")
+        if kind not in _ACCEPTS[served.info.input_kind]:
+            raise ItemFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"backbone {served.info.name!r} takes {served.info.input_kind} inputs, not {kind}")
+        if kind == "image":
+            if not item.image:
+                raise ItemFailure(grpc.StatusCode.INVALID_ARGUMENT, "empty image: no bytes")
+            payload: Any = item.image
+        elif kind == "text":
+            payload = item.text
+        else:
+            try:
+                payload = tensors.from_proto(item.tensor, self.max_tensor_elements)
+            except tensors.TensorError as e:
+                raise ItemFailure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        return content_keys.input_key(item), InputItem(kind, payload)
+
+    # ----------------------------------------------------------------------------- RPCs
+
+    async def Extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext) -> pb.ExtractResponse:
+        n = len(request.inputs)
+        if n == 0:
+            raise InvalidArgumentError("no inputs: send at least one Input")
+        if n > self.max_items_per_request:
+            raise InvalidArgumentError(
+                f"{n} inputs in one request, over max_items_per_request={self.max_items_per_request}; split the request")
+        out_dtype = _OUTPUT_DTYPES.get(request.output_dtype)
+        if out_dtype is None:
+            raise InvalidArgumentError("output_dtype must be FLOAT32 or FLOAT16")
+        served, layer = self._resolve(request.backbone, request.layer, request.inputs[0].WhichOneof("payload"))
+        name = served.info.name
+        response = pb.ExtractResponse(backbone_fingerprint=served.info.fingerprint, backbone=name, layer=layer)
+        results = [response.results.add() for _ in range(n)]
+
+        # 1. content keys (a bad item fails alone, here or in the worker)
+        todo: dict[str, list[int]] = {}  # cache key -> item indices (identical inputs share one)
+        payloads: dict[str, InputItem] = {}
+        for i, item in enumerate(request.inputs):
+            try:
+                ckey, payload = self._parse_input(served, item)
+            except ItemFailure as f:
+                _set_error(results[i], f.code, f.message)
+                continue
+            results[i].key = ckey
+            key = self._cache_key(served, layer, ckey)
+            todo.setdefault(key, []).append(i)
+            payloads[key] = payload
+
+        # 2. one cache round trip for all of them
+        features: dict[str, np.ndarray] = {}
+        if request.cache_policy == pb.USE and todo:
+            keys = list(todo)
+            for key, value in zip(keys, await self.cache.get_many(keys)):
+                if value is None:
+                    continue
+                try:
+                    features[key] = codec.decode(value)
+                except codec.CorruptValueError as e:
+                    self.metrics.cache_corrupt.inc()
+                    logger.warning("corrupt cache value for %s (%s); recomputing", key, e)
+        for key, arr in features.items():
+            for i in todo[key]:
+                results[i].cache_hit = True
+
+        # 3. the misses, single-flight across requests, batched across requests
+        misses = [k for k in todo if k not in features]
+        led: dict[str, PendingItem] = {}
+        try:
+            computed = await self._compute(served, layer, misses, payloads, context, led)
+            writes = []
+            for key, outcome in computed.items():
+                if isinstance(outcome, BaseException):
+                    code = outcome.code if isinstance(outcome, FeatureBankError) else grpc.StatusCode.INTERNAL
+                    for i in todo[key]:
+                        _set_error(results[i], code, str(outcome))
+                    continue
+                features[key] = outcome
+                if request.cache_policy != pb.BYPASS and key in led:
+                    writes.append((key, codec.encode(outcome)))
+            if writes:
+                await self.cache.set_many(writes)
+        finally:
+            self._release(led)
+
+        # 4. answer in input order
+        counts = {"hit": 0, "miss": 0, "error": 0}
+        for key, idx in todo.items():
+            arr = features.get(key)
+            if arr is None:
+                continue
+            t = tensors.to_proto(arr.astype(out_dtype, copy=False), results[idx[0]].features)
+            for i in idx[1:]:
+                results[i].features.CopyFrom(t)
+        for r in results:
+            counts["error" if r.HasField("error") else "hit" if r.cache_hit else "miss"] += 1
+        for result_kind, c in counts.items():
+            if c:
+                self.metrics.items.labels(name, layer, result_kind).inc(c)
+        return response
+
+    async def _compute(self, served: ServedBackbone, layer: str, keys: list[str], payloads: dict[str, InputItem],
+                       context: grpc.aio.ServicerContext, led: dict[str, PendingItem]) -> dict[str, Any]:
+        """Features (or the exception) per cache key, joining computations already in flight.
+
+        Keys this request started are added to ``led``: the request writes them to the cache and
+        then releases them, so a request arriving meanwhile joins instead of recomputing.
+        """
+        if not keys:
+            return {}
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining() if context is not None else None
+        deadline = loop.time() + remaining if remaining is not None else None
+        new = [k for k in keys if not (k in self.inflight and not self.inflight[k].future.done())]
+        free = served.batcher.max_queue_size - len(served.batcher)
+        if len(new) > free:
+            self.metrics.rejected_items.labels(served.info.name).inc(len(new))
+            raise QueueFullError(
+                f"server overloaded: {len(served.batcher)} items queued for {served.info.name} "
+                f"(max_queue_size={served.batcher.max_queue_size}); retry with backoff")
+        pending: list[PendingItem] = []
+        for key in keys:
+            p = self.inflight.get(key)
+            if p is not None and not p.future.done():
+                p.waiters += 1
+                p.deadline = None if (p.deadline is None or deadline is None) else max(p.deadline, deadline)
+                self.metrics.singleflight_joins.labels(served.info.name).inc()
+            else:
+                p = PendingItem(payloads[key], layer, loop.create_future(), deadline)
+                served.batcher.submit(p)
+                self.inflight[key] = p
+                led[key] = p
+            pending.append(p)
+        outcomes = await asyncio.gather(*(self._wait(p) for p in pending), return_exceptions=True)
+        out: dict[str, Any] = {}
+        for key, o in zip(keys, outcomes):
+            if isinstance(o, BaseException):
+                out[key] = o
+            else:
+                out[key] = np.asarray(o, dtype=self.storage_dtype)
+        return out
+
+    def _release(self, led: dict[str, PendingItem]) -> None:
+        """Forget finished computations this request led (after their cache write)."""
+        for key, p in led.items():
+            if self.inflight.get(key) is not p:
+                continue
+            if p.future.done():
+                del self.inflight[key]
+            else:  # this request was cancelled; others may still wait on it
+                p.future.add_done_callback(lambda _f, k=key, p=p: self.inflight.pop(k) if self.inflight.get(k) is p else None)
+
+    @staticmethod
+    async def _wait(p: PendingItem):
+        try:
+            return await asyncio.shield(p.future)
+        except asyncio.CancelledError:
+            p.waiters -= 1  # nobody left: the batcher drops it before it reaches a worker
+            raise
+
+    async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.ExtractResponse:
+        n = len(request.keys)
+        if n == 0:
+            raise InvalidArgumentError("no keys: send at least one content key")
+        if n > self.max_items_per_request:
+            raise InvalidArgumentError(f"{n} keys in one request, over max_items_per_request={self.max_items_per_request}")
+        out_dtype = _OUTPUT_DTYPES.get(request.output_dtype)
+        if out_dtype is None:
+            raise InvalidArgumentError("output_dtype must be FLOAT32 or FLOAT16")
+        if not request.backbone:
+            raise InvalidArgumentError("Lookup needs a backbone name")
+        served, layer = self._resolve(request.backbone, request.layer, None)
+        response = pb.ExtractResponse(backbone_fingerprint=served.info.fingerprint, backbone=served.info.name, layer=layer)
+        results = [response.results.add(key=k) for k in request.keys]
+        valid = [i for i, k in enumerate(request.keys) if _CONTENT_KEY.match(k)]
+        for i in set(range(n)) - set(valid):
+            _set_error(results[i], grpc.StatusCode.INVALID_ARGUMENT,
+                       f"{request.keys[i][:64]!r} is not a content key (32 lowercase hex characters)")
+        values = await self.cache.get_many([self._cache_key(served, layer, request.keys[i]) for i in valid])
+        for i, value in zip(valid, values):
+            try:
+                if value is None:
+                    raise codec.CorruptValueError("absent")
+                tensors.to_proto(codec.decode(value).astype(out_dtype, copy=False), results[i].features)
+                results[i].cache_hit = True
+            except codec.CorruptValueError:
+                _set_error(results[i], grpc.StatusCode.NOT_FOUND, "not in the cache: send the input to Extract")
+        return response
+
+    async def ListBackbones(self, request: pb.ListBackbonesRequest, context) -> pb.ListBackbonesResponse:
+        response = pb.ListBackbonesResponse()
+        for name, b in sorted(self.backbones.items()):
+            i = b.info
+            response.backbones.add(
+                name=name, fingerprint=i.fingerprint, input_kind=i.input_kind, default_layer=i.default_layer,
+                layers=[pb.LayerInfo(name=l.name, shape=l.shape) for l in i.layers],
+                input_size=i.input_size, preprocessing=i.preprocessing,
+                workers_ready=b.pool.ready_count if b.pool is not None else 0,
+            )
+        return response

@@ -1,0 +1,1 @@
+"""Worker processes that each hold frozen backbones and run batches."""

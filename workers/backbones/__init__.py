@@ -1,0 +1,1 @@
+"""Frozen backbones: one module each, looked up by name in the registry."""

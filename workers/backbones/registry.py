@@ -1,0 +1,48 @@
+"""Backbones by name: built-in ones, and any Backbone class named as "package.module:Class"."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from featurebank.workers.backbones.base import Backbone
+
+# name -> (module, class, default options). Modules are imported only in the worker that needs them.
+BUILTIN: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "efficientnet_lite0": ("featurebank.workers.backbones.efficientnet_lite", "EfficientNetLite0", {}),
+    "minilm": ("featurebank.workers.backbones.minilm", "MiniLM", {}),
+    "toy": ("featurebank.workers.backbones.toy", "ToyBackbone", {}),
+    "mobilenet_v2": ("featurebank.workers.backbones.keras_apps", "KerasApplication", {"application": "MobileNetV2"}),
+    "efficientnet_b0": ("featurebank.workers.backbones.keras_apps", "KerasApplication", {"application": "EfficientNetB0"}),
+    "resnet50": ("featurebank.workers.backbones.keras_apps", "KerasApplication", {"application": "ResNet50"}),
+}
+
+DEFAULT_BACKBONES = ("efficientnet_lite0", "minilm")
+
+
+def resolve(name: str) -> tuple[type[Backbone], dict[str, Any]]:
+    """The Backbone class and default options for a registry name or a "module:Class" path.
+
+    Raises:
+        KeyError: an unknown name (the message lists the known ones).
+    """
+    if name in BUILTIN:
+        module, cls, options = BUILTIN[name]
+    elif ":" in name:
+        module, cls = name.split(":", 1)
+        options = {}
+    else:
+        raise KeyError(f"unknown backbone {name!r}; known: {', '.join(sorted(BUILTIN))}, or 'package.module:Class'")
+    return getattr(importlib.import_module(module), cls), dict(options)
+
+
+def create(name: str, **options: Any) -> Backbone:
+    """Instantiate a backbone (not yet loaded); ``options`` override the registry defaults."""
+    cls, defaults = resolve(name)
+    defaults.update(options)
+    backbone = cls(**defaults)
+    if name in BUILTIN:
+        backbone.name = name  # one class may serve several names (keras_apps)
+    elif not backbone.name:
+        backbone.name = name.rsplit(":", 1)[-1].lower()
+    return backbone

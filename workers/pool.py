@@ -1,0 +1,287 @@
+"""A pool of spawned worker processes for one backbone, fed by a dynamic batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import time
+from typing import Any
+
+import grpc
+
+from featurebank.server.batching import DynamicBatcher, PendingItem
+from featurebank.server.errors import FeatureBankError, WorkerCrashError
+from featurebank.server.metrics import Metrics
+from featurebank.workers import worker as worker_main
+from featurebank.workers.backbones.base import BackboneInfo
+from featurebank.workers.messages import Batch, BatchResult, Shutdown, WorkerFailed, WorkerReady, WorkerSetup
+
+logger = logging.getLogger(__name__)
+
+# A batch that killed a worker is re-sent once, item by item; an item that kills a worker on its
+# second try gets an error of its own.
+MAX_ATTEMPTS = 2
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class WorkerState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+class WorkerDied(Exception):
+    """The worker process exited while we waited on it."""
+
+
+class WorkerSetupError(RuntimeError):
+    """The backbone failed to load in a worker (bad name, missing weights, ...)."""
+
+
+def describe_exit(code: int | None) -> str:
+    """A human reason for a worker's exit code."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = ": killed, out of memory?" if -code == signal.SIGKILL else ""
+        return f"exit {code} ({name}{hint})"
+    return f"exit {code}"
+
+
+class WorkerProcess:
+    """One spawned worker: its process, pipe and state. Blocking calls run in its own thread."""
+
+    _ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold TF/gRPC threads
+
+    def __init__(self, setup: WorkerSetup):
+        self.setup = setup
+        self.state = WorkerState.NEW
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.conn: multiprocessing.connection.Connection | None = None
+        self.ready: WorkerReady | None = None
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"worker-{setup.backbone}-{setup.worker_index}")
+
+    def spawn(self) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        self.process = self._ctx.Process(
+            target=worker_main.main, args=(child, self.setup), daemon=True,
+            name=f"featurebank-worker-{self.setup.backbone}-{self.setup.worker_index}",
+        )
+        self.state = WorkerState.STARTING
+        self.process.start()
+        child.close()
+        self.conn = parent
+
+    def wait_ready(self, timeout_s: float) -> WorkerReady:
+        """Block until the worker reports ready; raises WorkerSetupError or WorkerDied."""
+        msg = self._receive(timeout_s)
+        if isinstance(msg, WorkerFailed):
+            self.kill()
+            raise WorkerSetupError(f"backbone {self.setup.backbone!r} failed to load: {msg.error}")
+        if not isinstance(msg, WorkerReady):
+            raise WorkerSetupError(f"unexpected first message {type(msg).__name__}")
+        self.ready = msg
+        self.state = WorkerState.READY
+        return msg
+
+    def roundtrip(self, batch: Batch) -> BatchResult:
+        """Send a batch and wait for its result; raises WorkerDied if the process exits meanwhile."""
+        self.state = WorkerState.BUSY
+        try:
+            self.conn.send(batch)
+        except (BrokenPipeError, OSError, EOFError):
+            raise WorkerDied(self._death())
+        msg = self._receive(None)
+        self.state = WorkerState.READY
+        return msg
+
+    def _receive(self, timeout_s: float | None) -> Any:
+        ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], timeout_s)
+        if not ready:
+            self.kill()
+            raise WorkerDied(f"no answer within {timeout_s:.0f}s")
+        if self.conn in ready:
+            try:
+                return self.conn.recv()
+            except (EOFError, OSError):
+                pass
+        raise WorkerDied(self._death())
+
+    def _death(self) -> str:
+        self.state = WorkerState.DEAD
+        self.process.join(5)
+        return describe_exit(self.process.exitcode)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.state = WorkerState.DEAD
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.process is None:
+            return
+        try:
+            if self.process.is_alive():
+                self.conn.send(Shutdown())
+                self.process.join(timeout_s)
+        except (BrokenPipeError, OSError):
+            pass
+        self.kill()
+        if self.conn is not None:
+            self.conn.close()
+        self.thread.shutdown(wait=False)
+
+
+class WorkerPool:
+    """``num_workers`` processes holding one backbone; each takes batches from the shared batcher.
+
+    Workers are spawned and warmed before the pool reports ready. A worker that dies is noticed
+    by its exit, counted, restarted, and its batch re-sent item by item; an item that kills a
+    worker twice gets an INTERNAL error of its own.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        *,
+        options: dict[str, Any],
+        num_workers: int,
+        batcher: DynamicBatcher,
+        metrics: Metrics,
+        gpus: list[str] | None = None,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+        warmup: bool = True,
+        start_timeout_s: float = 600.0,
+    ):
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.backbone = backbone
+        self.batcher = batcher
+        self.metrics = metrics
+        self.start_timeout_s = start_timeout_s
+        self.workers = [
+            WorkerProcess(WorkerSetup(
+                backbone=backbone, options=options, worker_index=i,
+                gpu=gpus[i % len(gpus)] if gpus else None,
+                intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads, warmup=warmup,
+            ))
+            for i in range(num_workers)
+        ]
+        self.info: BackboneInfo | None = None
+        self._batch_ids = itertools.count()
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+
+    @property
+    def ready_count(self) -> int:
+        return sum(w.state in (WorkerState.READY, WorkerState.BUSY) for w in self.workers)
+
+    def spawn(self) -> None:
+        """Start every worker process (non-blocking); ``wait_ready`` waits for them."""
+        for w in self.workers:
+            w.spawn()
+
+    async def wait_ready(self) -> BackboneInfo:
+        """Wait until every worker is warmed up, then start feeding them batches."""
+        loop = asyncio.get_running_loop()
+        readies = await asyncio.gather(
+            *(loop.run_in_executor(w.thread, w.wait_ready, self.start_timeout_s) for w in self.workers)
+        )
+        fingerprints = {r.info.fingerprint for r in readies}
+        if len(fingerprints) != 1:
+            raise WorkerSetupError(f"workers of {self.backbone} disagree on the fingerprint: {fingerprints}")
+        self.info = readies[0].info
+        for w in self.workers:
+            self.metrics.traces.labels(self.backbone, str(w.setup.worker_index)).set(w.ready.trace_count)
+        self._update_ready()
+        self._tasks = [asyncio.create_task(self._feed(w), name=f"feed-{self.backbone}-{i}") for i, w in enumerate(self.workers)]
+        return self.info
+
+    def _update_ready(self) -> None:
+        self.metrics.workers_ready.labels(self.backbone).set(self.ready_count)
+
+    async def _feed(self, w: WorkerProcess) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            items = await self.batcher.wait_for_batch()
+            now = loop.time()
+            for it in items:
+                self.metrics.queue_delay.labels(self.backbone).observe(now - it.enqueued_at)
+            self.metrics.batch_size.labels(self.backbone).observe(len(items))
+            batch = Batch(next(self._batch_ids), [it.payload for it in items], [it.layer for it in items])
+            try:
+                result = await loop.run_in_executor(w.thread, w.roundtrip, batch)
+            except WorkerDied as e:
+                self._on_death(w, items, str(e))
+                await self._restart(w)
+                continue
+            self._resolve(items, result)
+            self.metrics.inference_duration.labels(self.backbone).observe(result.inference_seconds)
+            self.metrics.traces.labels(self.backbone, str(w.setup.worker_index)).set(result.trace_count)
+
+    def _resolve(self, items: list[PendingItem], result: BatchResult) -> None:
+        for item, feats, err in zip(items, result.features, result.errors):
+            if item.future.done():
+                continue
+            if err is not None:
+                item.future.set_exception(FeatureBankError(err[1], grpc.StatusCode[err[0]]))
+            else:
+                item.future.set_result(feats)
+
+    def _on_death(self, w: WorkerProcess, items: list[PendingItem], reason: str) -> None:
+        logger.error("worker %s-%d died (%s) with a batch of %d; restarting it",
+                     self.backbone, w.setup.worker_index, reason, len(items))
+        self.metrics.worker_restarts.labels(self.backbone).inc()
+        self._update_ready()
+        retry = []
+        for item in items:
+            item.attempts += 1
+            if item.future.done():
+                continue
+            if item.attempts >= MAX_ATTEMPTS:
+                item.future.set_exception(WorkerCrashError(
+                    f"this input crashed the {self.backbone} worker {item.attempts} times ({reason}); not retried"))
+            else:
+                retry.append(item)
+        self.batcher.requeue(retry)
+
+    async def _restart(self, w: WorkerProcess) -> None:
+        loop = asyncio.get_running_loop()
+        for attempt in itertools.count():
+            if self._closing:
+                return
+            try:
+                w.kill()
+                w.spawn()
+                await loop.run_in_executor(w.thread, w.wait_ready, self.start_timeout_s)
+                logger.info("worker %s-%d is back", self.backbone, w.setup.worker_index)
+                self._update_ready()
+                return
+            except (WorkerDied, WorkerSetupError) as e:
+                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                logger.error("restarting worker %s-%d failed (%s); next try in %.1fs",
+                             self.backbone, w.setup.worker_index, e, delay)
+                await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, w.stop) for w in self.workers))
+        self.metrics.workers_ready.labels(self.backbone).set(0)

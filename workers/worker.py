@@ -1,0 +1,91 @@
+"""The worker process: loads one frozen backbone, warms it up, then computes batches forever."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+
+from featurebank.workers.messages import Batch, BatchResult, Shutdown, WorkerFailed, WorkerReady, WorkerSetup
+
+logger = logging.getLogger(__name__)
+
+
+def _configure_tensorflow(setup: WorkerSetup) -> None:
+    """Pin to one GPU (growing its memory) or set CPU thread counts, before TF initialises."""
+    if setup.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = setup.gpu
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if setup.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(setup.intra_op_threads)
+    if setup.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(setup.inter_op_threads)
+
+
+def compute(backbone, batch: Batch) -> BatchResult:
+    """Preprocess each item (a bad one fails alone), run the good ones as one batch, pick layers."""
+    from featurebank.workers.backbones.base import InvalidInputError
+
+    start = time.perf_counter()
+    n = len(batch.items)
+    features: list = [None] * n
+    errors: list = [None] * n
+    ready: list = []
+    index: list[int] = []
+    for i, item in enumerate(batch.items):
+        try:
+            ready.append(backbone.preprocess(item))
+            index.append(i)
+        except InvalidInputError as e:
+            errors[i] = ("INVALID_ARGUMENT", str(e))
+        except Exception as e:  # a bug or an exotic input: this item only
+            logger.exception("preprocessing item %d failed", i)
+            errors[i] = ("INTERNAL", f"preprocessing failed: {type(e).__name__}: {e}")
+    if ready:
+        try:
+            outputs = backbone.forward(ready)
+            for j, i in enumerate(index):
+                features[i] = outputs[batch.layers[i]][j].copy()
+        except Exception as e:
+            logger.exception("forward pass failed for a batch of %d", len(ready))
+            for i in index:
+                errors[i] = ("INTERNAL", f"forward pass failed: {type(e).__name__}: {e}")
+    return BatchResult(batch.batch_id, features, errors, time.perf_counter() - start, backbone.trace_count)
+
+
+def main(conn, setup: WorkerSetup) -> None:
+    """Entry point of a spawned worker: answer WorkerReady or WorkerFailed, then serve batches."""
+    logging.basicConfig(
+        level=os.environ.get("FEATUREBANK_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s worker-{setup.backbone}-{setup.worker_index} %(levelname)s %(name)s: %(message)s",
+    )
+    t0 = time.perf_counter()
+    try:
+        _configure_tensorflow(setup)
+        from featurebank.workers.backbones import registry
+
+        backbone = registry.create(setup.backbone, **setup.options)
+        backbone.load()
+        if setup.warmup:
+            backbone.warmup()
+        info = backbone.info()
+    except Exception as e:
+        logger.error("could not load backbone %s: %s", setup.backbone, e)
+        conn.send(WorkerFailed(f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"))
+        sys.exit(3)
+    conn.send(WorkerReady(info, backbone.trace_count, time.perf_counter() - t0))
+    logger.info("ready in %.1fs (%d traces)", time.perf_counter() - t0, backbone.trace_count)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the frontend went away
+        if isinstance(msg, Shutdown):
+            return
+        conn.send(compute(backbone, msg))
