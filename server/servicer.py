@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import re
@@ -50,6 +51,7 @@ class ItemFailure(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
+        self.message = message
 
 
 def _set_error(result: pb.ItemResult, code: grpc.StatusCode, message: str) -> None:
@@ -70,6 +72,10 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self.max_tensor_elements = max_tensor_elements
         # Single-flight: cache key -> the computation in flight for it, shared by every request.
         self.inflight: dict[str, PendingItem] = {}
+        # The last few results released from single-flight: closes the window between a leader's
+        # cache write and a concurrent request's cache read, so an input is computed once.
+        self.recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.recent_max_items = 1024
         self.default_for_kind: dict[str, str] = {}
         for name, b in backbones.items():
             for kind in _ACCEPTS[b.info.input_kind]:
@@ -160,6 +166,10 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 except codec.CorruptValueError as e:
                     self.metrics.cache_corrupt.inc()
                     logger.warning("corrupt cache value for %s (%s); recomputing", key, e)
+            for key in todo:
+                # Finished a moment ago by another request whose cache write raced our read.
+                if key not in features and key in self.recent:
+                    features[key] = self.recent[key]
         for key, arr in features.items():
             for i in todo[key]:
                 results[i].cache_hit = True
@@ -167,6 +177,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         # 3. the misses, single-flight across requests, batched across requests
         misses = [k for k in todo if k not in features]
         led: dict[str, PendingItem] = {}
+        written: dict[str, np.ndarray] = {}
         try:
             computed = await self._compute(served, layer, misses, payloads, context, led)
             writes = []
@@ -179,10 +190,11 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 features[key] = outcome
                 if request.cache_policy != pb.BYPASS and key in led:
                     writes.append((key, codec.encode(outcome)))
+                    written[key] = outcome
             if writes:
                 await self.cache.set_many(writes)
         finally:
-            self._release(led)
+            self._release(led, written)
 
         # 4. answer in input order
         counts = {"hit": 0, "miss": 0, "error": 0}
@@ -241,13 +253,17 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 out[key] = np.asarray(o, dtype=self.storage_dtype)
         return out
 
-    def _release(self, led: dict[str, PendingItem]) -> None:
-        """Forget finished computations this request led (after their cache write)."""
+    def _release(self, led: dict[str, PendingItem], written: dict[str, np.ndarray]) -> None:
+        """Forget finished computations this request led, remembering those it wrote to the cache."""
         for key, p in led.items():
             if self.inflight.get(key) is not p:
                 continue
             if p.future.done():
                 del self.inflight[key]
+                if key in written:
+                    self.recent[key] = written[key]
+                    if len(self.recent) > self.recent_max_items:
+                        self.recent.popitem(last=False)
             else:  # this request was cancelled; others may still wait on it
                 p.future.add_done_callback(lambda _f, k=key, p=p: self.inflight.pop(k) if self.inflight.get(k) is p else None)
 

@@ -41,8 +41,5 @@ def create(name: str, **options: Any) -> Backbone:
     cls, defaults = resolve(name)
     defaults.update(options)
     backbone = cls(**defaults)
-    if name in BUILTIN:
-        backbone.name = name  # one class may serve several names (keras_apps)
-    elif not backbone.name:
-        backbone.name = name.rsplit(":", 1)[-1].lower()
+    backbone.name = name  # the name clients ask for; one class may serve several (keras_apps)
     return backbone
