@@ -92,19 +92,22 @@ class FeatureBankServer:
         if c.metrics_port >= 0:
             self._metrics_http, _ = start_http_server(c.metrics_port, registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
+        # The port opens before the workers are warm, so probes can see NOT_SERVING meanwhile;
+        # FeatureBank RPCs answer UNAVAILABLE until then.
+        self.servicer = FeatureBankServicer({}, self.cache, self.metrics, storage_dtype=c.cache_dtype,
+                                            max_items_per_request=c.max_items_per_request)
+        featurebank_pb2_grpc.add_FeatureBankServicer_to_server(self.servicer, self.server)
+        await self.server.start()
+        self._write_port_file(ready=False)
         try:
             infos = await asyncio.gather(*(pool.wait_ready() for pool in self.pools.values()))
         except BaseException:
             await self._close_pools()
             raise
-        served = {
+        self.servicer.set_backbones({
             name: ServedBackbone(info=info, batcher=self.batchers[name], pool=self.pools[name])
             for name, info in zip(self.pools, infos)
-        }
-        servicer = FeatureBankServicer(served, self.cache, self.metrics, storage_dtype=c.cache_dtype,
-                                       max_items_per_request=c.max_items_per_request)
-        featurebank_pb2_grpc.add_FeatureBankServicer_to_server(servicer, self.server)
-        await self.server.start()
+        })
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         for info in infos:
@@ -112,11 +115,15 @@ class FeatureBankServer:
                         ", ".join(l.name for l in info.layers))
         logger.info("featurebank listening on %s:%d, metrics on :%d, cache %s", c.host, self.port, self.metrics_port,
                     self.cache.name)
-        if c.port_file:
-            tmp = c.port_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}, f)
-            os.replace(tmp, c.port_file)
+        self._write_port_file(ready=True)
+
+    def _write_port_file(self, ready: bool) -> None:
+        if not self.config.port_file:
+            return
+        tmp = self.config.port_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid(), "ready": ready}, f)
+        os.replace(tmp, self.config.port_file)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period."""

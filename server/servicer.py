@@ -17,7 +17,9 @@ from featurebank.client import tensors
 from featurebank.server import codec
 from featurebank.server.batching import DynamicBatcher, PendingItem
 from featurebank.server.cache import FeatureCache
-from featurebank.server.errors import FeatureBankError, InvalidArgumentError, NotFoundError, QueueFullError
+from featurebank.server.errors import (
+    FeatureBankError, InvalidArgumentError, NotFoundError, QueueFullError, UnavailableError,
+)
 from featurebank.server.keys import cache_key
 from featurebank.server.metrics import Metrics
 from featurebank.v1 import featurebank_pb2 as pb
@@ -64,7 +66,6 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
 
     def __init__(self, backbones: dict[str, ServedBackbone], cache: FeatureCache, metrics: Metrics,
                  *, storage_dtype: str, max_items_per_request: int, max_tensor_elements: int = 50_000_000):
-        self.backbones = backbones
         self.cache = cache
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
@@ -77,14 +78,23 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self.recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.recent_max_items = 1024
         self.default_for_kind: dict[str, str] = {}
+        self.set_backbones(backbones)
+
+    def set_backbones(self, backbones: dict[str, ServedBackbone]) -> None:
+        """Serve these backbones; the first of each input kind is the default for that kind."""
+        self.backbones = backbones
+        self.default_for_kind = {}
+        for name, b in backbones.items():  # native kinds first: a text backbone never defaults for tensors
+            self.default_for_kind.setdefault(b.info.input_kind, name)
         for name, b in backbones.items():
             for kind in _ACCEPTS[b.info.input_kind]:
-                if kind == b.info.input_kind or kind not in self.default_for_kind:
-                    self.default_for_kind.setdefault(kind, name)
+                self.default_for_kind.setdefault(kind, name)
 
     # ----------------------------------------------------------------------------- resolution
 
     def _resolve(self, backbone: str, layer: str, first_kind: str | None) -> tuple[ServedBackbone, str]:
+        if not self.backbones:
+            raise UnavailableError("the server is starting: backbones are still loading")
         if not backbone:
             backbone = self.default_for_kind.get(first_kind or "", "")
             if not backbone:

@@ -121,15 +121,24 @@ class ServerProcess:
         )
         return self
 
-    def wait_ready(self, timeout_s: float = 180) -> "ServerProcess":
-        def ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()[-4000:]}")
-            return os.path.exists(self.port_file)
-
-        wait_until(ready, timeout_s, "the server's port file")
+    def _ports(self, ready: bool):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()[-4000:]}")
+        if not os.path.exists(self.port_file):
+            return None
         ports = json.loads(pathlib.Path(self.port_file).read_text())
+        return ports if (ports["ready"] or not ready) else None
+
+    def wait_port(self, timeout_s: float = 120) -> "ServerProcess":
+        """Wait until the gRPC port is open (workers may still be loading)."""
+        ports = wait_until(lambda: self._ports(ready=False), timeout_s, "the server's port file")
         self.port, self.metrics_port = ports["port"], ports["metrics_port"]
+        return self
+
+    def wait_ready(self, timeout_s: float = 180) -> "ServerProcess":
+        """Wait until every worker is warm and health says SERVING."""
+        self.wait_port(timeout_s)
+        wait_until(lambda: self._ports(ready=True), timeout_s, "the server to be ready")
         wait_until(lambda: self.health() == "SERVING", 30, "health SERVING")
         return self
 
@@ -183,8 +192,8 @@ class ServerProcess:
 
     def worker_pids(self) -> list[int]:
         """PIDs of this server's worker processes (its direct children running a worker)."""
-        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(line.split()[0]) for line in out.splitlines() if "multiprocessing" in line or "spawn" in line]
+        out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

@@ -1,0 +1,148 @@
+"""Restarts, shared caches, Redis outages, dying workers, overload: real processes, no fakes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from featurebank.client import FeatureBank, FeatureBankError
+from fixture_backbones import KILL_MARKER
+from support import ServerProcess, random_images, wait_until
+
+FAULTY = "fixture_backbones:FaultyToy"
+
+
+def test_hits_survive_a_server_restart_and_are_shared_between_servers(redis_server, start_server):
+    """Features written by one server process are hits for a restarted one and for a second one."""
+    images = random_images(4, seed=1)
+    first = start_server("--backbone", "toy", "--redis-url", redis_server.url)
+    with FeatureBank(first.target) as bank:
+        computed = bank.extract_items(images, backbone="toy")
+    assert not any(o.cache_hit for o in computed)
+    assert first.terminate() == 0
+
+    restarted = start_server("--backbone", "toy", "--redis-url", redis_server.url)
+    other = start_server("--backbone", "toy", "--redis-url", redis_server.url)
+    for server in (restarted, other):
+        with FeatureBank(server.target) as bank:
+            again = bank.extract_items(images, backbone="toy")
+        assert all(o.cache_hit for o in again)
+        np.testing.assert_array_equal(np.stack([o.features for o in again]), np.stack([o.features for o in computed]))
+        assert server.metric("featurebank_items_total", result="hit") == 4
+        assert server.metric("featurebank_items_total", result="miss") == 0
+
+
+def test_redis_outage_fails_no_request_and_caching_resumes(redis_server, start_server):
+    """With Redis stopped mid-run requests still succeed uncached; once it is back, caching resumes."""
+    server = start_server("--backbone", "toy", "--redis-url", redis_server.url, "--redis-timeout-ms", "200")
+    with FeatureBank(server.target, timeout_s=30) as bank:
+        bank.extract(random_images(2, seed=10), backbone="toy")
+        redis_server.stop()
+        during = random_images(6, seed=11)
+        for img in during:
+            assert bank.extract([img], backbone="toy").shape == (1, 16)
+        assert server.metric("featurebank_cache_errors_total") >= 1
+        redis_server.start()
+        probe = random_images(1, seed=12)[0]
+
+        def cached_again():
+            bank.extract([probe], backbone="toy")
+            return bank.extract_items([probe], backbone="toy")[0].cache_hit
+
+        wait_until(cached_again, 10, "caching to resume after Redis came back", interval_s=0.2)
+    assert server.metric("featurebank_requests_total", method="Extract", code="OK") >= 8
+    assert server.metric("featurebank_requests_total", method="Extract", code="UNAVAILABLE") == 0
+
+
+def test_killed_worker_mid_batch_loses_no_request(start_server):
+    """SIGKILL of a worker mid-batch: every request of the batch still succeeds, the restart is counted."""
+    server = start_server("--backbone", FAULTY, "--max-batch-delay-ms", "50",
+                          env={"FB_TEST_FORWARD_DELAY_MS": "1500"})
+    images = random_images(6, seed=20)
+    (worker,) = server.worker_pids()
+    with FeatureBank(server.target, timeout_s=120) as bank, concurrent.futures.ThreadPoolExecutor(6) as ex:
+        futures = [ex.submit(bank.extract, [img], backbone=FAULTY) for img in images]
+        wait_until(lambda: server.metric("featurebank_batch_size_count") >= 1, 10, "a batch to reach the worker")
+        time.sleep(0.3)  # inside the 1.5 s forward pass
+        os.kill(worker, signal.SIGKILL)
+        results = [f.result() for f in futures]
+    assert all(r.shape == (1, 16) for r in results)
+    assert server.metric("featurebank_worker_restarts_total") == 1
+    wait_until(lambda: server.metric("featurebank_workers_ready") == 1, 60, "the worker to be back")
+    assert "exit -9 (SIGKILL: killed, out of memory?)" in server.log()
+
+
+def test_an_input_that_kills_workers_fails_alone(start_server):
+    """An item that crashes its worker twice gets INTERNAL; its batch neighbours succeed; the pool lives."""
+    server = start_server("--backbone", FAULTY, "--max-batch-delay-ms", "20")
+    good = random_images(3, seed=30)
+    with FeatureBank(server.target, timeout_s=180) as bank:
+        outcomes = bank.extract_items([good[0], KILL_MARKER + b"poison", good[1]], backbone=FAULTY)
+        assert outcomes[0].error is None and outcomes[2].error is None
+        assert outcomes[1].error.code == grpc.StatusCode.INTERNAL
+        assert "crashed" in outcomes[1].error.message
+        assert bank.extract([good[2]], backbone=FAULTY).shape == (1, 16)
+    assert server.metric("featurebank_worker_restarts_total") == 2
+
+
+def test_full_queue_answers_resource_exhausted(start_server):
+    """Beyond max_queue_size, requests fail fast with RESOURCE_EXHAUSTED; the server keeps serving."""
+    server = start_server("--backbone", FAULTY, "--max-batch-size", "2", "--max-queue-size", "4",
+                          env={"FB_TEST_FORWARD_DELAY_MS": "300"})
+    with FeatureBank(server.target, timeout_s=60) as bank, concurrent.futures.ThreadPoolExecutor(8) as ex:
+        futures = [ex.submit(bank.extract, random_images(3, seed=40 + i), backbone=FAULTY) for i in range(8)]
+        codes = []
+        for f in futures:
+            try:
+                f.result()
+                codes.append("OK")
+            except FeatureBankError as e:
+                codes.append(e.code.name)
+        assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
+        assert bank.extract(random_images(1, seed=49), backbone=FAULTY).shape == (1, 16)
+    assert server.metric("featurebank_rejected_items_total") >= 3
+
+
+def test_expired_items_are_dropped_before_a_worker(start_server):
+    """Items whose deadline passed while queued are never computed."""
+    server = start_server("--backbone", FAULTY, "--max-batch-size", "1", env={"FB_TEST_FORWARD_DELAY_MS": "500"})
+    with FeatureBank(server.target, timeout_s=0.8) as bank, concurrent.futures.ThreadPoolExecutor(6) as ex:
+        futures = [ex.submit(bank.extract, [img], backbone=FAULTY) for img in random_images(6, seed=50)]
+        codes = []
+        for f in futures:
+            try:
+                f.result()
+                codes.append("OK")
+            except FeatureBankError as e:
+                codes.append(e.code.name)
+    assert "DEADLINE_EXCEEDED" in codes
+    wait_until(lambda: server.metric("featurebank_dropped_items_total") >= 1, 10, "queued items to be dropped")
+    assert server.metric("featurebank_batch_size_count") < 6
+
+
+def test_health_is_not_serving_until_workers_are_warm_and_sigterm_drains(start_server):
+    """Health says NOT_SERVING while the backbone loads, SERVING when warm; SIGTERM exits 0."""
+    server = start_server("--backbone", FAULTY, "--grace-period-s", "5", env={"FB_TEST_LOAD_DELAY_S": "6"}, wait=False)
+    server.wait_port()
+    assert server.health() == "NOT_SERVING"
+    with FeatureBank(server.target, timeout_s=10) as bank, pytest.raises(FeatureBankError) as e:
+        bank.extract(random_images(1), backbone=FAULTY)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    server.wait_ready(120)
+    assert server.health() == "SERVING"
+    assert server.terminate() == 0
+
+
+def test_a_backbone_that_fails_to_load_stops_the_server_with_a_reason(start_server):
+    """A backbone that raises while loading makes the server exit non-zero, saying why."""
+    server = start_server("--backbone", FAULTY, env={"FB_TEST_FAIL_SETUP": "1"}, wait=False)
+    wait_until(lambda: server.proc.poll() is not None, 120, "the server to exit")
+    assert server.proc.returncode != 0
+    assert "refuses to load" in server.log()
