@@ -26,7 +26,8 @@ class ServerConfig:
     metrics_port: int = _field(9464, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)")
     backbone: list = _field(
         list(DEFAULT_BACKBONES),
-        "backbones to serve, NAME or NAME=WEIGHTS_PATH, repeatable or comma-separated; "
+        "backbones to serve, repeatable or comma-separated: NAME, NAME=WEIGHTS_PATH, or "
+        "MYNAME=MODEL.keras|SAVEDMODEL_DIR[#layer+layer]; "
         "the first of each input kind is the default for requests naming none",
     )
     workers: int = _field(1, "worker processes per backbone (with --gpus: one per GPU when 0)")
@@ -84,11 +85,24 @@ class ServerConfig:
 
     @property
     def backbone_specs(self) -> list[tuple[str, dict[str, Any]]]:
-        """(registry name, options) per --backbone: NAME=PATH sets the weights file."""
+        """(name, options) per --backbone.
+
+        ``NAME`` is a built-in or "module:Class"; ``BUILTIN=PATH`` sets its weights file;
+        ``ANY_NAME=MODEL[#layer1+layer2]`` serves a ``.keras`` file or SavedModel directory,
+        exposing the named layers besides its output.
+        """
+        from featurebank.workers.backbones.registry import BUILTIN
+
         specs = []
         for b in self.backbone:
-            name, _, weights = b.partition("=")
-            specs.append((name, {"weights": weights} if weights else {}))
+            name, _, value = b.partition("=")
+            if not value:
+                specs.append((name, {}))
+            elif name in BUILTIN:
+                specs.append((name, {"weights": value}))
+            else:
+                path, _, layers = value.partition("#")
+                specs.append((name, {"path": path, "layers": [l for l in layers.split("+") if l]}))
         return specs
 
     @property

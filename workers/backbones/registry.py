@@ -20,14 +20,17 @@ BUILTIN: dict[str, tuple[str, str, dict[str, Any]]] = {
 DEFAULT_BACKBONES = ("efficientnet_lite0", "minilm")
 
 
-def resolve(name: str) -> tuple[type[Backbone], dict[str, Any]]:
-    """The Backbone class and default options for a registry name or a "module:Class" path.
+def resolve(name: str, file_backbone: bool = False) -> tuple[type[Backbone], dict[str, Any]]:
+    """The Backbone class and default options for a registry name, a "module:Class" path, or (with
+    ``file_backbone``) any name for a user's model file.
 
     Raises:
         KeyError: an unknown name (the message lists the known ones).
     """
     if name in BUILTIN:
         module, cls, options = BUILTIN[name]
+    elif file_backbone:
+        module, cls, options = "featurebank.workers.backbones.keras_file", "KerasFileBackbone", {}
     elif ":" in name:
         module, cls = name.split(":", 1)
         options = {}
@@ -38,7 +41,7 @@ def resolve(name: str) -> tuple[type[Backbone], dict[str, Any]]:
 
 def create(name: str, **options: Any) -> Backbone:
     """Instantiate a backbone (not yet loaded); ``options`` override the registry defaults."""
-    cls, defaults = resolve(name)
+    cls, defaults = resolve(name, file_backbone="path" in options)
     defaults.update(options)
     backbone = cls(**defaults)
     backbone.name = name  # the name clients ask for; one class may serve several (keras_apps)
