@@ -181,6 +181,221 @@ class FeatureBank:
         """The served backbones with their layers, shapes and fingerprints."""
         return list(self._call(self._stub.ListBackbones, pb.ListBackbonesRequest()).backbones)
 
+    # ------------------------------------------------------------------------ streaming, datasets
+
+    def _stream(self, inputs: Iterable, *, backbone: str, layer: str, output_dtype: int, cache_policy: int,
+                lookup_first: bool) -> Iterator[tuple[pb.ExtractResponse, list[ItemOutcome]]]:
+        """(response, outcomes) per chunk of inputs over one ExtractStream, in input order.
+
+        Inputs are read lazily, chunk by chunk, as gRPC's flow control lets requests go out, so
+        a dataset of any size is never all in memory. With ``lookup_first`` each chunk's content
+        keys are looked up first and only the misses are uploaded (resuming a job re-sends
+        nothing the store already holds).
+        """
+        import queue
+
+        # Chunks in order, as the request thread prepared them; bounded, so reading ahead stops.
+        chunks: queue.Queue = queue.Queue(maxsize=8)
+        resolved: dict[str, str] = {}
+
+        def requests():
+            try:
+                offset, batch, size = 0, [], 0
+                for item in inputs:
+                    msg = to_input(item)
+                    n = msg.ByteSize() + 8
+                    if batch and (len(batch) >= self.max_items_per_request or size + n > self.max_request_bytes):
+                        yield from self._stream_chunk(offset, batch, chunks, backbone, layer, output_dtype,
+                                                      cache_policy, lookup_first, resolved)
+                        offset, batch, size = offset + len(batch), [], 0
+                    batch.append(msg)
+                    size += n
+                if batch:
+                    yield from self._stream_chunk(offset, batch, chunks, backbone, layer, output_dtype, cache_policy,
+                                                  lookup_first, resolved)
+                chunks.put(None)
+            except Exception as e:  # an unreadable input: end the stream and tell the reader why
+                chunks.put(e)
+
+        responses = self._stub.ExtractStream(requests())
+        try:
+            while True:
+                item = chunks.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                offset, known, index = item
+                if index is None:  # answered entirely by Lookup: no request was sent
+                    yield pb.ExtractResponse(**resolved), known
+                    continue
+                response = next(responses)
+                merged = list(known)
+                for j, o in zip(index, _outcomes(response, 0)):
+                    o.index = offset + j
+                    if o.error is not None:
+                        o.error.index = offset + j
+                    merged[j] = o
+                resolved.update(backbone=response.backbone, layer=response.layer,
+                                backbone_fingerprint=response.backbone_fingerprint)
+                yield response, merged
+        except grpc.RpcError as e:
+            raise FeatureBankError.from_rpc_error(e) from None
+        finally:
+            responses.cancel()
+
+    def _stream_chunk(self, offset, batch, chunks, backbone, layer, output_dtype, cache_policy, lookup_first, resolved):
+        """Yield the request for one chunk (only its misses with lookup_first) and queue its bookkeeping."""
+        from featurebank.client.keys import input_key
+
+        known: list[ItemOutcome | None] = [None] * len(batch)
+        if lookup_first and cache_policy == pb.USE and (backbone or resolved.get("backbone")):
+            keys = [input_key(m) if m.WhichOneof("payload") else "" for m in batch]
+            response = self._call(self._stub.Lookup, pb.LookupRequest(
+                backbone=backbone or resolved["backbone"], layer=layer or resolved.get("layer", ""), keys=keys,
+                output_dtype=output_dtype))
+            resolved.update(backbone=response.backbone, layer=response.layer,
+                            backbone_fingerprint=response.backbone_fingerprint)
+            for j, o in enumerate(_outcomes(response, offset)):
+                if o.error is None:
+                    known[j] = o
+        index = [j for j, k in enumerate(known) if k is None]
+        if not index:
+            chunks.put((offset, known, None))
+            return
+        chunks.put((offset, known, index))
+        yield pb.ExtractRequest(backbone=backbone, layer=layer, inputs=[batch[j] for j in index],
+                                output_dtype=output_dtype, cache_policy=cache_policy)
+
+    def extract_stream(self, inputs: Iterable, *, backbone: str = "", layer: str = "", output_dtype: int = pb.FLOAT32,
+                       cache_policy: int = pb.USE, lookup_first: bool = False, progress: bool = False,
+                       total: int | None = None) -> Iterator[ItemOutcome]:
+        """Outcomes for an iterable of any length, streamed in order with bounded memory.
+
+        Args:
+            inputs: as ``extract_items``; may be a generator.
+            lookup_first: look each chunk up by content key first and upload only the misses.
+            progress: show a progress bar (items/s, hit ratio) on stderr.
+            total: the number of inputs, for the progress bar, when ``inputs`` has no len().
+
+        Yields:
+            ItemOutcome per input, in input order.
+        """
+        from tqdm import tqdm
+
+        if total is None and hasattr(inputs, "__len__"):
+            total = len(inputs)
+        hits = seen = 0
+        with tqdm(total=total, unit="item", disable=not progress, smoothing=0.1) as bar:
+            for _, outcomes in self._stream(inputs, backbone=backbone, layer=layer, output_dtype=output_dtype,
+                                            cache_policy=cache_policy, lookup_first=lookup_first):
+                for o in outcomes:
+                    seen += 1
+                    hits += o.cache_hit
+                    yield o
+                bar.update(len(outcomes))
+                bar.set_postfix(hit_ratio=f"{hits / max(1, seen):.2f}", refresh=False)
+
+    def features(self, data, labels=None, *, backbone: str = "", layer: str = "", text_column: str | None = None,
+                 label_column: str | None = None, progress: bool = False, lookup_first: bool = True):
+        """Features of a whole dataset through the store (streamed, cached, resumable).
+
+        Args:
+            data: a list of inputs, a folder of images in class sub-folders (labels from the
+                folder names), a ``.txt`` file (one text a line) or a ``.csv`` (``text_column``,
+                optional ``label_column``).
+            labels: labels for a list (ints or strings).
+
+        Returns:
+            featurebank.client.datasets.FeatureSet (features, labels, class names, keys, and the
+            backbone, fingerprint and layer they came from).
+
+        Raises:
+            FeatureBankError: the stream failed, or an item failed (``.index`` says which).
+        """
+        from featurebank.client import datasets
+
+        from tqdm import tqdm
+
+        inputs, labels, class_names = datasets.resolve(data, labels, text_column=text_column, label_column=label_column)
+        rows, keys, hits = [], [], 0
+        meta = pb.ExtractResponse()
+        with tqdm(total=len(inputs), unit="item", disable=not progress, smoothing=0.1) as bar:
+            for response, outcomes in self._stream(inputs, backbone=backbone, layer=layer, output_dtype=pb.FLOAT32,
+                                                   cache_policy=pb.USE, lookup_first=lookup_first):
+                if response.backbone_fingerprint:
+                    meta = response
+                for o in outcomes:
+                    if o.error is not None:
+                        raise o.error
+                    rows.append(o.features)
+                    keys.append(o.key)
+                    hits += o.cache_hit
+                bar.update(len(outcomes))
+                bar.set_postfix(hit_ratio=f"{hits / max(1, len(rows)):.2f}", refresh=False)
+        return datasets.FeatureSet(features=np.stack(rows) if rows else np.zeros((0, 0), np.float32), labels=labels,
+                                   class_names=class_names, keys=keys, backbone=meta.backbone,
+                                   fingerprint=meta.backbone_fingerprint, layer=meta.layer, hits=hits)
+
+    def as_tf_dataset(self, data, labels=None, *, batch_size: int = 32, shuffle: bool = True, seed: int = 0, **kwargs):
+        """A ``tf.data.Dataset`` of (features, label) batches for ``model.fit`` (needs featurebank[train])."""
+        import tensorflow as tf
+
+        fs = self.features(data, labels, **kwargs)
+        if fs.labels is None:
+            raise ValueError("as_tf_dataset needs labels")
+        ds = tf.data.Dataset.from_tensor_slices((fs.features, fs.labels))
+        if shuffle:
+            ds = ds.shuffle(len(fs), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    def fit_head(self, data, labels=None, *, backbone: str = "", layer: str = "", head: str = "logistic",
+                 validation_split: float = 0.2, epochs: int = 200, progress: bool = False, text_column: str | None = None,
+                 label_column: str | None = None, **train_options):
+        """Train a head on features from the store.
+
+        Args:
+            data, labels: as ``features``.
+            head: "logistic" or "mlp".
+            validation_split: fraction held out (fixed seed) for early stopping and metrics.
+
+        Returns:
+            featurebank.client.heads.Head (``predict``, ``evaluate``, ``save``, ``load``).
+        """
+        from featurebank.client.heads import Head
+
+        fs = self.features(data, labels, backbone=backbone, layer=layer, text_column=text_column,
+                           label_column=label_column, progress=progress)
+        return Head.train(fs, head=head, validation_split=validation_split, epochs=epochs, **train_options)
+
+    # ------------------------------------------------------------------------ served heads
+
+    def put_head(self, head, name: str, version: int = 0) -> pb.HeadInfo:
+        """Upload a trained Head (or a .keras head file) under a name; version 0 = the next one."""
+        from featurebank.client.heads import Head
+
+        if not isinstance(head, Head):
+            head = Head.load(head)
+        return self._call(self._stub.PutHead, pb.PutHeadRequest(head=head.to_proto(name, version)))
+
+    def list_heads(self, name: str = "") -> list[pb.HeadInfo]:
+        """Served heads (every version), optionally of one name."""
+        return list(self._call(self._stub.ListHeads, pb.ListHeadsRequest(name=name)).heads)
+
+    def delete_head(self, name: str, version: int = 0) -> int:
+        """Delete one version (or all with 0); returns how many were deleted."""
+        return self._call(self._stub.DeleteHead, pb.DeleteHeadRequest(name=name, version=version)).deleted
+
+    def predict(self, head: str, inputs: Iterable, *, version: int = 0, cache_policy: int = pb.USE) -> list[pb.Prediction]:
+        """Class probabilities and labels from a served head, per input (errors per item)."""
+        msgs = [to_input(x) for x in inputs]
+        out: list[pb.Prediction] = []
+        for _, chunk in _chunks(msgs, self.max_items_per_request, self.max_request_bytes):
+            response = self._call(self._stub.Predict, pb.PredictRequest(head=head, version=version, inputs=chunk,
+                                                                        cache_policy=cache_policy))
+            out.extend(response.predictions)
+        return out
+
 
 class AsyncFeatureBank:
     """The asyncio twin of FeatureBank (same methods, awaitable)."""

@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 from featurebank.server.batching import DynamicBatcher
 from featurebank.server.cache import FeatureCache, LRUCache, RedisCache
 from featurebank.server.config import ServerConfig
+from featurebank.server.heads import DirectoryHeadStore, RedisHeadStore
 from featurebank.server.interceptors import StatusInterceptor
 from featurebank.server.metrics import Metrics
 from featurebank.server.servicer import FeatureBankServicer, ServedBackbone
@@ -51,6 +52,8 @@ class FeatureBankServer:
         self.config = config
         self.metrics = Metrics()
         self.cache = make_cache(config, self.metrics)
+        self.heads = (RedisHeadStore(config.redis_url, config.redis_timeout_ms / 1000.0) if config.redis_url
+                      else DirectoryHeadStore(config.heads_path))
         self.health = health.aio.HealthServicer()
         self.pools: dict[str, WorkerPool] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
@@ -105,7 +108,8 @@ class FeatureBankServer:
         # The port opens before the workers are warm, so probes can see NOT_SERVING meanwhile;
         # FeatureBank RPCs answer UNAVAILABLE until then.
         self.servicer = FeatureBankServicer({}, self.cache, self.metrics, storage_dtype=c.cache_dtype,
-                                            max_items_per_request=c.max_items_per_request)
+                                            max_items_per_request=c.max_items_per_request,
+                                            stream_window=c.stream_window, heads=self.heads)
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(self.servicer, self.server)
         await self.server.start()
         self._write_port_file(ready=False)

@@ -45,6 +45,9 @@ class ServerConfig:
     max_items_per_request: int = _field(4096, "most inputs in one request")
     max_message_bytes: int = _field(64 * 1024 * 1024, "largest gRPC message accepted or sent")
     max_image_pixels: int = _field(40_000_000, "largest decoded image (width x height), checked before decoding")
+    heads_dir: str = _field("", "where heads persist without Redis (default $XDG_DATA_HOME/featurebank/heads); "
+                            "with --redis-url they live in Redis, shared by every replica")
+    stream_window: int = _field(4, "request messages of one ExtractStream worked on at a time")
     grace_period_s: float = _field(20.0, "on SIGTERM: how long in-flight requests may take to finish")
     warmup: bool = _field(True, "trace every batch shape before reporting ready")
     port_file: str = _field("", "write {\"port\", \"metrics_port\"} as JSON here once serving (for tests and scripts)")
@@ -72,12 +75,20 @@ class ServerConfig:
             ("max_message_bytes", 1 << 20 <= self.max_message_bytes <= 2**31 - 1, "1 MiB .. 2 GiB"),
             ("max_image_pixels", self.max_image_pixels >= 1, ">= 1"),
             ("grace_period_s", self.grace_period_s >= 0, ">= 0"),
+            ("stream_window", 1 <= self.stream_window <= 64, "1..64"),
         ]
         for name, ok, valid in checks:
             if not ok:
                 raise ValueError(f"invalid {name}={getattr(self, name)!r}: must be {valid}")
         if self.workers == 0 and not self.gpu_list:
             raise ValueError("invalid workers=0: must be >= 1 without --gpus")
+
+    @property
+    def heads_path(self) -> str:
+        if self.heads_dir:
+            return self.heads_dir
+        data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        return os.path.join(data, "featurebank", "heads")
 
     @property
     def gpu_list(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -28,35 +29,48 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(SERVICE_PREFIX):
             return handler
         method = details.method.rsplit("/", 1)[-1]
+        kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, handler.unary_unary), **kw)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(self._wrap_stream(method, handler.stream_stream), **kw)
         return handler
 
     def _wrap_unary(self, method: str, inner):
         async def behavior(request, context: grpc.aio.ServicerContext):
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
+            async with self._status(method, context):
                 return await inner(request, context)
-            except FeatureBankError as e:
-                code = e.code
-                await context.abort(e.code, e.message)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as e:
-                if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                code = grpc.StatusCode.INTERNAL
-                logger.exception("%s failed", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}")
-            finally:
-                self.metrics.requests.labels(method, code.name).inc()
-                self.metrics.request_duration.labels(method).observe(time.perf_counter() - start)
 
         return behavior
+
+    def _wrap_stream(self, method: str, inner):
+        async def behavior(request_iterator, context: grpc.aio.ServicerContext):
+            async with self._status(method, context):
+                async for response in inner(request_iterator, context):
+                    yield response
+
+        return behavior
+
+    @contextlib.asynccontextmanager
+    async def _status(self, method: str, context: grpc.aio.ServicerContext):
+        """Turn exceptions into statuses; count and time the RPC."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except FeatureBankError as e:
+            code = e.code
+            await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            code = grpc.StatusCode.INTERNAL
+            logger.exception("%s failed", method)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}")
+        finally:
+            self.metrics.requests.labels(method, code.name).inc()
+            self.metrics.request_duration.labels(method).observe(time.perf_counter() - start)

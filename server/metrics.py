@@ -64,3 +64,10 @@ class Metrics:
             "featurebank_worker_traces", "tf.function traces per worker since start (constant after warm-up).",
             ["backbone", "worker"], registry=r,
         )
+        self.head_predictions = Counter(
+            "featurebank_head_predictions", "Items a served head predicted.", ["head", "version"], registry=r
+        )
+        self.head_duration = Histogram(
+            "featurebank_head_predict_duration_seconds", "Predict latency per head (features + head).",
+            ["head", "version"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )

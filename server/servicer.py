@@ -6,7 +6,9 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import os
 import re
+import time
 from typing import Any
 
 import grpc
@@ -18,8 +20,10 @@ from featurebank.server import codec
 from featurebank.server.batching import DynamicBatcher, PendingItem
 from featurebank.server.cache import FeatureCache
 from featurebank.server.errors import (
-    FeatureBankError, InvalidArgumentError, NotFoundError, QueueFullError, UnavailableError,
+    FailedPreconditionError, FeatureBankError, InvalidArgumentError, NotFoundError, QueueFullError, UnavailableError,
 )
+from featurebank.server.heads import CompiledHead, DirectoryHeadStore, HeadStore
+from featurebank.server.heads import check_name as check_head_name
 from featurebank.server.keys import cache_key
 from featurebank.server.metrics import Metrics
 from featurebank.v1 import featurebank_pb2 as pb
@@ -65,12 +69,16 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     """Extract / Lookup / ListBackbones over the served backbones, the cache and the batchers."""
 
     def __init__(self, backbones: dict[str, ServedBackbone], cache: FeatureCache, metrics: Metrics,
-                 *, storage_dtype: str, max_items_per_request: int, max_tensor_elements: int = 50_000_000):
+                 *, storage_dtype: str, max_items_per_request: int, max_tensor_elements: int = 50_000_000,
+                 stream_window: int = 4, heads: HeadStore | None = None):
         self.cache = cache
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
         self.max_items_per_request = max_items_per_request
         self.max_tensor_elements = max_tensor_elements
+        self.stream_window = stream_window
+        self.heads = heads if heads is not None else DirectoryHeadStore(os.path.join(os.getcwd(), "featurebank-heads"))
+        self._compiled_heads: dict[tuple[str, int], CompiledHead] = {}
         # Single-flight: cache key -> the computation in flight for it, shared by every request.
         self.inflight: dict[str, PendingItem] = {}
         # The last few results released from single-flight: closes the window between a leader's
@@ -136,6 +144,28 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     # ----------------------------------------------------------------------------- RPCs
 
     async def Extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext) -> pb.ExtractResponse:
+        return await self.extract(request, context)
+
+    async def ExtractStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Answer each request message in order, working on at most ``stream_window`` at a time.
+
+        Request messages are read only while fewer than the window are in progress, so gRPC's
+        flow control holds a fast sender back and memory stays bounded on both sides.
+        """
+        in_progress: collections.deque[asyncio.Task] = collections.deque()
+        try:
+            async for request in request_iterator:
+                in_progress.append(asyncio.ensure_future(self.extract(request, context)))
+                while in_progress and (in_progress[0].done() or len(in_progress) >= self.stream_window):
+                    yield await in_progress.popleft()
+            while in_progress:
+                yield await in_progress.popleft()
+        finally:
+            for task in in_progress:
+                task.cancel()
+
+    async def extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None) -> pb.ExtractResponse:
+        """The Extract pipeline for one request message (also used by ExtractStream and Predict)."""
         n = len(request.inputs)
         if n == 0:
             raise InvalidArgumentError("no inputs: send at least one Input")
@@ -312,6 +342,86 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 results[i].cache_hit = True
             except codec.CorruptValueError:
                 _set_error(results[i], grpc.StatusCode.NOT_FOUND, "not in the cache: send the input to Extract")
+        return response
+
+    # ----------------------------------------------------------------------------- heads
+
+    async def _compiled_head(self, name: str, version: int) -> CompiledHead:
+        head = await self.heads.get(name, version)
+        key = (head.name, head.version)
+        compiled = self._compiled_heads.get(key)
+        if compiled is None or compiled.head.created_unix_ms != head.created_unix_ms:
+            compiled = self._compiled_heads[key] = CompiledHead(head)
+        return compiled
+
+    async def PutHead(self, request: pb.PutHeadRequest, context) -> pb.HeadInfo:
+        head = pb.Head()
+        head.CopyFrom(request.head)
+        compiled = CompiledHead(head)  # validates before anything is stored
+        served = self.backbones.get(head.backbone)
+        if served is not None:
+            dim = served.layers.get(head.layer)
+            if dim is None:
+                raise NotFoundError(f"backbone {head.backbone!r} has no layer {head.layer!r}")
+            if int(np.prod(dim)) != compiled.input_dim:
+                raise InvalidArgumentError(
+                    f"head takes {compiled.input_dim} features but {head.backbone}/{head.layer} gives {int(np.prod(dim))}")
+        if not head.created_unix_ms:
+            head.created_unix_ms = int(time.time() * 1000)
+        stored = await self.heads.put(head)
+        self._compiled_heads.pop((stored.name, stored.version), None)
+        logger.info("stored head %s v%d (%s on %s/%s)", stored.name, stored.version, stored.kind, stored.backbone, stored.layer)
+        return CompiledHead(stored).info()
+
+    async def ListHeads(self, request: pb.ListHeadsRequest, context) -> pb.ListHeadsResponse:
+        response = pb.ListHeadsResponse()
+        for name in [request.name] if request.name else await self.heads.names():
+            for version in await self.heads.versions(name):
+                response.heads.append((await self._compiled_head(name, version)).info())
+        return response
+
+    async def DeleteHead(self, request: pb.DeleteHeadRequest, context) -> pb.DeleteHeadResponse:
+        check_head_name(request.name)
+        versions = [request.version] if request.version else await self.heads.versions(request.name)
+        deleted = 0
+        for v in versions:
+            deleted += await self.heads.remove(request.name, v)
+            self._compiled_heads.pop((request.name, v), None)
+        if not deleted:
+            raise NotFoundError(f"no head {request.name!r}" + (f" version {request.version}" if request.version else ""))
+        return pb.DeleteHeadResponse(deleted=deleted)
+
+    async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
+        compiled = await self._compiled_head(request.head, request.version)
+        head = compiled.head
+        served = self.backbones.get(head.backbone)
+        if served is None:
+            raise FailedPreconditionError(f"head {head.name!r} needs backbone {head.backbone!r}, which this server does not serve")
+        if served.info.fingerprint != head.backbone_fingerprint:
+            raise FailedPreconditionError(
+                f"head {head.name!r} v{head.version} was trained on {head.backbone} fingerprint "
+                f"{head.backbone_fingerprint[:16]}, but the served one is {served.info.fingerprint[:16]}: retrain it")
+        start = time.perf_counter()
+        extracted = await self.extract(pb.ExtractRequest(backbone=head.backbone, layer=head.layer, inputs=request.inputs,
+                                                         cache_policy=request.cache_policy), context)
+        response = pb.PredictResponse(head=head.name, version=head.version)
+        ok = []
+        for r in extracted.results:
+            p = response.predictions.add(key=r.key, cache_hit=r.cache_hit)
+            if r.HasField("error"):
+                p.error.CopyFrom(r.error)
+            else:
+                ok.append((p, tensors.from_proto(r.features).reshape(-1)))
+        if ok:
+            probs = compiled.predict(np.stack([x for _, x in ok]).astype(np.float32))
+            names = list(head.class_names)
+            for (p, _), row in zip(ok, probs):
+                tensors.to_proto(row, p.probabilities)
+                p.label_index = int(row.argmax())
+                p.label = names[p.label_index] if p.label_index < len(names) else str(p.label_index)
+        labels = (head.name, str(head.version))
+        self.metrics.head_predictions.labels(*labels).inc(len(ok))
+        self.metrics.head_duration.labels(*labels).observe(time.perf_counter() - start)
         return response
 
     async def ListBackbones(self, request: pb.ListBackbonesRequest, context) -> pb.ListBackbonesResponse:

@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n featurebank/v1/featurebank.proto\x12\x0e\x66\x65\x61turebank.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.featurebank.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"]\n\x05Input\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\x06tensor\x18\x03 \x01(\x0b\x32\x16.featurebank.v1.TensorH\x00\x42\t\n\x07payload\"\xb8\x01\n\x0e\x45xtractRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12%\n\x06inputs\x18\x03 \x03(\x0b\x32\x15.featurebank.v1.Input\x12+\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\x15.featurebank.v1.DType\x12\x31\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0e\x32\x1b.featurebank.v1.CachePolicy\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"|\n\nItemResult\x12(\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x16.featurebank.v1.Tensor\x12\x11\n\tcache_hit\x18\x02 \x01(\x08\x12\x0b\n\x03key\x18\x03 \x01(\t\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.featurebank.v1.Error\"}\n\x0f\x45xtractResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.featurebank.v1.ItemResult\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\x12\r\n\x05layer\x18\x04 \x01(\t\"k\n\rLookupRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\t\x12+\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\x15.featurebank.v1.DType\"\x16\n\x14ListBackbonesRequest\"H\n\x15ListBackbonesResponse\x12/\n\tbackbones\x18\x01 \x03(\x0b\x32\x1c.featurebank.v1.BackboneInfo\"\xc9\x01\n\x0c\x42\x61\x63kboneInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\ninput_kind\x18\x03 \x01(\t\x12\x15\n\rdefault_layer\x18\x04 \x01(\t\x12)\n\x06layers\x18\x05 \x03(\x0b\x32\x19.featurebank.v1.LayerInfo\x12\x12\n\ninput_size\x18\x06 \x03(\x03\x12\x15\n\rpreprocessing\x18\x07 \x01(\t\x12\x15\n\rworkers_ready\x18\x08 \x01(\x05\"(\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03*Y\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\t\n\x05UINT8\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05*/\n\x0b\x43\x61\x63hePolicy\x12\x07\n\x03USE\x10\x00\x12\n\n\x06\x42YPASS\x10\x01\x12\x0b\n\x07REFRESH\x10\x02\x32\x81\x02\n\x0b\x46\x65\x61tureBank\x12J\n\x07\x45xtract\x12\x1e.featurebank.v1.ExtractRequest\x1a\x1f.featurebank.v1.ExtractResponse\x12H\n\x06Lookup\x12\x1d.featurebank.v1.LookupRequest\x1a\x1f.featurebank.v1.ExtractResponse\x12\\\n\rListBackbones\x12$.featurebank.v1.ListBackbonesRequest\x1a%.featurebank.v1.ListBackbonesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n featurebank/v1/featurebank.proto\x12\x0e\x66\x65\x61turebank.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.featurebank.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"]\n\x05Input\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\x06tensor\x18\x03 \x01(\x0b\x32\x16.featurebank.v1.TensorH\x00\x42\t\n\x07payload\"\xb8\x01\n\x0e\x45xtractRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12%\n\x06inputs\x18\x03 \x03(\x0b\x32\x15.featurebank.v1.Input\x12+\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\x15.featurebank.v1.DType\x12\x31\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0e\x32\x1b.featurebank.v1.CachePolicy\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"|\n\nItemResult\x12(\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x16.featurebank.v1.Tensor\x12\x11\n\tcache_hit\x18\x02 \x01(\x08\x12\x0b\n\x03key\x18\x03 \x01(\t\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.featurebank.v1.Error\"}\n\x0f\x45xtractResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.featurebank.v1.ItemResult\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\x12\r\n\x05layer\x18\x04 \x01(\t\"k\n\rLookupRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\t\x12+\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\x15.featurebank.v1.DType\"\x16\n\x14ListBackbonesRequest\"H\n\x15ListBackbonesResponse\x12/\n\tbackbones\x18\x01 \x03(\x0b\x32\x1c.featurebank.v1.BackboneInfo\"\xc9\x01\n\x0c\x42\x61\x63kboneInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\ninput_kind\x18\x03 \x01(\t\x12\x15\n\rdefault_layer\x18\x04 \x01(\t\x12)\n\x06layers\x18\x05 \x03(\x0b\x32\x19.featurebank.v1.LayerInfo\x12\x12\n\ninput_size\x18\x06 \x03(\x03\x12\x15\n\rpreprocessing\x18\x07 \x01(\t\x12\x15\n\rworkers_ready\x18\x08 \x01(\x05\"(\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"n\n\nDenseLayer\x12&\n\x06kernel\x18\x01 \x01(\x0b\x32\x16.featurebank.v1.Tensor\x12$\n\x04\x62ias\x18\x02 \x01(\x0b\x32\x16.featurebank.v1.Tensor\x12\x12\n\nactivation\x18\x03 \x01(\t\"\xb0\x02\n\x04Head\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x04 \x01(\t\x12\r\n\x05layer\x18\x05 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\x12*\n\x06layers\x18\x07 \x03(\x0b\x32\x1a.featurebank.v1.DenseLayer\x12\x32\n\x07metrics\x18\x08 \x03(\x0b\x32!.featurebank.v1.Head.MetricsEntry\x12\x0c\n\x04kind\x18\t \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9f\x02\n\x08HeadInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x04 \x01(\t\x12\r\n\x05layer\x18\x05 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\x12\x36\n\x07metrics\x18\x07 \x03(\x0b\x32%.featurebank.v1.HeadInfo.MetricsEntry\x12\x0c\n\x04kind\x18\x08 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\t \x01(\x03\x12\x11\n\tinput_dim\x18\n \x01(\x05\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"4\n\x0ePutHeadRequest\x12\"\n\x04head\x18\x01 \x01(\x0b\x32\x14.featurebank.v1.Head\" \n\x10ListHeadsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x11ListHeadsResponse\x12\'\n\x05heads\x18\x01 \x03(\x0b\x32\x18.featurebank.v1.HeadInfo\"2\n\x11\x44\x65leteHeadRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"%\n\x12\x44\x65leteHeadResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\"\x89\x01\n\x0ePredictRequest\x12\x0c\n\x04head\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12%\n\x06inputs\x18\x03 \x03(\x0b\x32\x15.featurebank.v1.Input\x12\x31\n\x0c\x63\x61\x63he_policy\x18\x04 \x01(\x0e\x32\x1b.featurebank.v1.CachePolicy\"\xa5\x01\n\nPrediction\x12-\n\rprobabilities\x18\x01 \x01(\x0b\x32\x16.featurebank.v1.Tensor\x12\x13\n\x0blabel_index\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12\x0b\n\x03key\x18\x05 \x01(\t\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.featurebank.v1.Error\"a\n\x0fPredictResponse\x12/\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1a.featurebank.v1.Prediction\x12\x0c\n\x04head\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05*Y\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\t\n\x05UINT8\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05*/\n\x0b\x43\x61\x63hePolicy\x12\x07\n\x03USE\x10\x00\x12\n\n\x06\x42YPASS\x10\x01\x12\x0b\n\x07REFRESH\x10\x02\x32\x8f\x05\n\x0b\x46\x65\x61tureBank\x12J\n\x07\x45xtract\x12\x1e.featurebank.v1.ExtractRequest\x1a\x1f.featurebank.v1.ExtractResponse\x12H\n\x06Lookup\x12\x1d.featurebank.v1.LookupRequest\x1a\x1f.featurebank.v1.ExtractResponse\x12\\\n\rListBackbones\x12$.featurebank.v1.ListBackbonesRequest\x1a%.featurebank.v1.ListBackbonesResponse\x12T\n\rExtractStream\x12\x1e.featurebank.v1.ExtractRequest\x1a\x1f.featurebank.v1.ExtractResponse(\x01\x30\x01\x12\x43\n\x07PutHead\x12\x1e.featurebank.v1.PutHeadRequest\x1a\x18.featurebank.v1.HeadInfo\x12P\n\tListHeads\x12 .featurebank.v1.ListHeadsRequest\x1a!.featurebank.v1.ListHeadsResponse\x12S\n\nDeleteHead\x12!.featurebank.v1.DeleteHeadRequest\x1a\".featurebank.v1.DeleteHeadResponse\x12J\n\x07Predict\x12\x1e.featurebank.v1.PredictRequest\x1a\x1f.featurebank.v1.PredictResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'featurebank.v1.featurebank_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1157
-  _globals['_DTYPE']._serialized_end=1246
-  _globals['_CACHEPOLICY']._serialized_start=1248
-  _globals['_CACHEPOLICY']._serialized_end=1295
+  _globals['_HEAD_METRICSENTRY']._loaded_options = None
+  _globals['_HEAD_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_HEADINFO_METRICSENTRY']._loaded_options = None
+  _globals['_HEADINFO_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_DTYPE']._serialized_start=2514
+  _globals['_DTYPE']._serialized_end=2603
+  _globals['_CACHEPOLICY']._serialized_start=2605
+  _globals['_CACHEPOLICY']._serialized_end=2652
   _globals['_TENSOR']._serialized_start=52
   _globals['_TENSOR']._serialized_end=127
   _globals['_INPUT']._serialized_start=129
@@ -57,6 +61,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BACKBONEINFO']._serialized_end=1113
   _globals['_LAYERINFO']._serialized_start=1115
   _globals['_LAYERINFO']._serialized_end=1155
-  _globals['_FEATUREBANK']._serialized_start=1298
-  _globals['_FEATUREBANK']._serialized_end=1555
+  _globals['_DENSELAYER']._serialized_start=1157
+  _globals['_DENSELAYER']._serialized_end=1267
+  _globals['_HEAD']._serialized_start=1270
+  _globals['_HEAD']._serialized_end=1574
+  _globals['_HEAD_METRICSENTRY']._serialized_start=1528
+  _globals['_HEAD_METRICSENTRY']._serialized_end=1574
+  _globals['_HEADINFO']._serialized_start=1577
+  _globals['_HEADINFO']._serialized_end=1864
+  _globals['_HEADINFO_METRICSENTRY']._serialized_start=1528
+  _globals['_HEADINFO_METRICSENTRY']._serialized_end=1574
+  _globals['_PUTHEADREQUEST']._serialized_start=1866
+  _globals['_PUTHEADREQUEST']._serialized_end=1918
+  _globals['_LISTHEADSREQUEST']._serialized_start=1920
+  _globals['_LISTHEADSREQUEST']._serialized_end=1952
+  _globals['_LISTHEADSRESPONSE']._serialized_start=1954
+  _globals['_LISTHEADSRESPONSE']._serialized_end=2014
+  _globals['_DELETEHEADREQUEST']._serialized_start=2016
+  _globals['_DELETEHEADREQUEST']._serialized_end=2066
+  _globals['_DELETEHEADRESPONSE']._serialized_start=2068
+  _globals['_DELETEHEADRESPONSE']._serialized_end=2105
+  _globals['_PREDICTREQUEST']._serialized_start=2108
+  _globals['_PREDICTREQUEST']._serialized_end=2245
+  _globals['_PREDICTION']._serialized_start=2248
+  _globals['_PREDICTION']._serialized_end=2413
+  _globals['_PREDICTRESPONSE']._serialized_start=2415
+  _globals['_PREDICTRESPONSE']._serialized_end=2512
+  _globals['_FEATUREBANK']._serialized_start=2655
+  _globals['_FEATUREBANK']._serialized_end=3310
 # @@protoc_insertion_point(module_scope)

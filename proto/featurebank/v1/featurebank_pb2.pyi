@@ -146,3 +146,145 @@ class LayerInfo(_message.Message):
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DenseLayer(_message.Message):
+    __slots__ = ("kernel", "bias", "activation")
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    kernel: Tensor
+    bias: Tensor
+    activation: str
+    def __init__(self, kernel: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., activation: _Optional[str] = ...) -> None: ...
+
+class Head(_message.Message):
+    __slots__ = ("name", "version", "backbone", "backbone_fingerprint", "layer", "class_names", "layers", "metrics", "kind", "created_unix_ms")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    backbone: str
+    backbone_fingerprint: str
+    layer: str
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    layers: _containers.RepeatedCompositeFieldContainer[DenseLayer]
+    metrics: _containers.ScalarMap[str, float]
+    kind: str
+    created_unix_ms: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., backbone: _Optional[str] = ..., backbone_fingerprint: _Optional[str] = ..., layer: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[_Union[DenseLayer, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., kind: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+
+class HeadInfo(_message.Message):
+    __slots__ = ("name", "version", "backbone", "backbone_fingerprint", "layer", "class_names", "metrics", "kind", "created_unix_ms", "input_dim")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    backbone: str
+    backbone_fingerprint: str
+    layer: str
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    metrics: _containers.ScalarMap[str, float]
+    kind: str
+    created_unix_ms: int
+    input_dim: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., backbone: _Optional[str] = ..., backbone_fingerprint: _Optional[str] = ..., layer: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., kind: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., input_dim: _Optional[int] = ...) -> None: ...
+
+class PutHeadRequest(_message.Message):
+    __slots__ = ("head",)
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    head: Head
+    def __init__(self, head: _Optional[_Union[Head, _Mapping]] = ...) -> None: ...
+
+class ListHeadsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListHeadsResponse(_message.Message):
+    __slots__ = ("heads",)
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    heads: _containers.RepeatedCompositeFieldContainer[HeadInfo]
+    def __init__(self, heads: _Optional[_Iterable[_Union[HeadInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteHeadRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DeleteHeadResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("head", "version", "inputs", "cache_policy")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    head: str
+    version: int
+    inputs: _containers.RepeatedCompositeFieldContainer[Input]
+    cache_policy: CachePolicy
+    def __init__(self, head: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("probabilities", "label_index", "label", "cache_hit", "key", "error")
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    probabilities: Tensor
+    label_index: int
+    label: str
+    cache_hit: bool
+    key: str
+    error: Error
+    def __init__(self, probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., label_index: _Optional[int] = ..., label: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., key: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("predictions", "head", "version")
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    head: str
+    version: int
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., head: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

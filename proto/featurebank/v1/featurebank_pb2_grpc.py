@@ -49,6 +49,31 @@ class FeatureBankStub:
                 request_serializer=featurebank_dot_v1_dot_featurebank__pb2.ListBackbonesRequest.SerializeToString,
                 response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.ListBackbonesResponse.FromString,
                 _registered_method=True)
+        self.ExtractStream = channel.stream_stream(
+                '/featurebank.v1.FeatureBank/ExtractStream',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.ExtractRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.ExtractResponse.FromString,
+                _registered_method=True)
+        self.PutHead = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/PutHead',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.PutHeadRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.HeadInfo.FromString,
+                _registered_method=True)
+        self.ListHeads = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/ListHeads',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.ListHeadsRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.ListHeadsResponse.FromString,
+                _registered_method=True)
+        self.DeleteHead = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/DeleteHead',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.DeleteHeadRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.DeleteHeadResponse.FromString,
+                _registered_method=True)
+        self.Predict = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/Predict',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.PredictRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.PredictResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureBankServicer:
@@ -76,6 +101,42 @@ class FeatureBankServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExtractStream(self, request_iterator, context):
+        """Extract for datasets of any size: one response per request message, in order. The server
+        works on a bounded window of request messages at a time and gRPC flow control stops the
+        sender beyond it, so neither side holds more than a window in memory. Keep each message
+        under 4 MiB (the SDK sends a few hundred KiB per message).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutHead(self, request, context):
+        """Heads: small classifiers trained on a backbone layer's features, served next to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListHeads(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteHead(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Predict(self, request, context):
+        """Features from the cache or the workers exactly as for Extract, then the head.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureBankServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +154,31 @@ def add_FeatureBankServicer_to_server(servicer, server):
                     servicer.ListBackbones,
                     request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.ListBackbonesRequest.FromString,
                     response_serializer=featurebank_dot_v1_dot_featurebank__pb2.ListBackbonesResponse.SerializeToString,
+            ),
+            'ExtractStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExtractStream,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.ExtractRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.ExtractResponse.SerializeToString,
+            ),
+            'PutHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutHead,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.PutHeadRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.HeadInfo.SerializeToString,
+            ),
+            'ListHeads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHeads,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.ListHeadsRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.ListHeadsResponse.SerializeToString,
+            ),
+            'DeleteHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteHead,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.DeleteHeadRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.DeleteHeadResponse.SerializeToString,
+            ),
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.PredictRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.PredictResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +262,141 @@ class FeatureBank:
             '/featurebank.v1.FeatureBank/ListBackbones',
             featurebank_dot_v1_dot_featurebank__pb2.ListBackbonesRequest.SerializeToString,
             featurebank_dot_v1_dot_featurebank__pb2.ListBackbonesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtractStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/featurebank.v1.FeatureBank/ExtractStream',
+            featurebank_dot_v1_dot_featurebank__pb2.ExtractRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.ExtractResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/PutHead',
+            featurebank_dot_v1_dot_featurebank__pb2.PutHeadRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.HeadInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHeads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/ListHeads',
+            featurebank_dot_v1_dot_featurebank__pb2.ListHeadsRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.ListHeadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/DeleteHead',
+            featurebank_dot_v1_dot_featurebank__pb2.DeleteHeadRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.DeleteHeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/Predict',
+            featurebank_dot_v1_dot_featurebank__pb2.PredictRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
