@@ -1,4 +1,4 @@
-"""The featurebank command: serve, extract, backbones."""
+"""The featurebank command: serve, extract, backbones, train-head, put-head, predict, heads."""
 
 from __future__ import annotations
 
@@ -99,6 +99,82 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_head(args: argparse.Namespace) -> int:
+    from featurebank.client import FeatureBank, FeatureBankError
+    from featurebank.client.heads import Head
+
+    try:
+        with FeatureBank(args.target) as bank:
+            fs = bank.features(args.data, backbone=args.backbone, layer=args.layer, text_column=args.text_column,
+                               label_column=args.label_column, progress=not args.quiet)
+            print(f"features: {len(fs)} x {fs.features.shape[1:]} from {fs.backbone}/{fs.layer}, "
+                  f"{fs.hits} cache hits ({fs.hit_ratio:.0%}), classes {fs.class_names}")
+            head = Head.train(fs, head=args.head, validation_split=args.validation_split, epochs=args.epochs,
+                              verbose=0 if args.quiet else 2)
+            head.save(args.out)
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(head.metrics.items()))
+            print(f"wrote {args.out}: {head.kind} head, {metrics}")
+            if args.put:
+                info = bank.put_head(head, args.put)
+                print(f"serving as {info.name} v{info.version}")
+    except (FeatureBankError, ValueError, ImportError) as e:
+        print(f"featurebank train-head: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_put_head(args: argparse.Namespace) -> int:
+    from featurebank.client import FeatureBank, FeatureBankError
+
+    try:
+        with FeatureBank(args.target) as bank:
+            info = bank.put_head(args.path, args.name, args.version)
+    except (FeatureBankError, ValueError, ImportError) as e:
+        print(f"featurebank put-head: {e}", file=sys.stderr)
+        return 1
+    print(f"serving {info.name} v{info.version}: {info.kind} on {info.backbone}/{info.layer}, classes {list(info.class_names)}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from featurebank.client import FeatureBank, FeatureBankError
+
+    inputs = _read_inputs(args.paths, args.text)
+    names = args.paths if not args.text else [f"line {i}" for i in range(len(inputs))]
+    failed = 0
+    try:
+        with FeatureBank(args.target) as bank:
+            predictions = bank.predict(args.head, inputs, version=args.version)
+    except FeatureBankError as e:
+        print(f"featurebank predict: {e}", file=sys.stderr)
+        return 1
+    import numpy as np
+
+    for name, p in zip(names, predictions):
+        if p.HasField("error"):
+            failed += 1
+            print(f"{name}\terror: {p.error.message}")
+            continue
+        prob = float(np.frombuffer(p.probabilities.data, np.float32)[p.label_index])
+        print(f"{name}\t{p.label}\t{prob:.4f}")
+    return 1 if failed else 0
+
+
+def _cmd_heads(args: argparse.Namespace) -> int:
+    from featurebank.client import FeatureBank, FeatureBankError
+
+    try:
+        with FeatureBank(args.target) as bank:
+            heads = bank.list_heads(args.name)
+    except FeatureBankError as e:
+        print(f"featurebank heads: {e}", file=sys.stderr)
+        return 1
+    for h in heads:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(h.metrics.items()))
+        print(f"{h.name} v{h.version}  {h.kind} on {h.backbone}/{h.layer} ({h.input_dim}-d)  classes {list(h.class_names)}  {metrics}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurebank", description="Shared feature-extraction backend.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +203,40 @@ def build_parser() -> argparse.ArgumentParser:
     backbones = sub.add_parser("backbones", help="list the served backbones and layers")
     backbones.add_argument("--target", default=DEFAULT_TARGET, help="server address [env FEATUREBANK_TARGET]")
     backbones.set_defaults(func=_cmd_backbones)
+    train = sub.add_parser("train-head", help="train a head on features from the store (needs featurebank[train])")
+    train.add_argument("data", help="a folder of images in class sub-folders, or a CSV (with --text-column, --label-column)")
+    train.add_argument("--out", required=True, help="where to write the head (.keras)")
+    train.add_argument("--backbone", default="", help="backbone name (default: the server's for the input kind)")
+    train.add_argument("--layer", default="", help="layer name (default: the backbone's)")
+    train.add_argument("--head", choices=("logistic", "mlp"), default="logistic")
+    train.add_argument("--validation-split", type=float, default=0.2)
+    train.add_argument("--epochs", type=int, default=200, help="most epochs (early stopping on validation loss)")
+    train.add_argument("--text-column", help="CSV column holding the text")
+    train.add_argument("--label-column", help="CSV column holding the label")
+    train.add_argument("--put", metavar="NAME", help="also upload the head to the server under this name")
+    train.add_argument("--target", default=DEFAULT_TARGET, help="server address [env FEATUREBANK_TARGET]")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.set_defaults(func=_cmd_train_head)
+
+    put = sub.add_parser("put-head", help="upload a trained head (.keras) to the server")
+    put.add_argument("path")
+    put.add_argument("--name", required=True)
+    put.add_argument("--version", type=int, default=0, help="0: the next version")
+    put.add_argument("--target", default=DEFAULT_TARGET, help="server address [env FEATUREBANK_TARGET]")
+    put.set_defaults(func=_cmd_put_head)
+
+    predict = sub.add_parser("predict", help="labels from a served head for image files (or text lines with --text)")
+    predict.add_argument("paths", nargs="+")
+    predict.add_argument("--head", required=True, help="the head's name")
+    predict.add_argument("--version", type=int, default=0, help="0: the latest")
+    predict.add_argument("--text", action="store_true", help="inputs are text files, one text a line")
+    predict.add_argument("--target", default=DEFAULT_TARGET, help="server address [env FEATUREBANK_TARGET]")
+    predict.set_defaults(func=_cmd_predict)
+
+    heads = sub.add_parser("heads", help="list the served heads")
+    heads.add_argument("name", nargs="?", default="")
+    heads.add_argument("--target", default=DEFAULT_TARGET, help="server address [env FEATUREBANK_TARGET]")
+    heads.set_defaults(func=_cmd_heads)
     return parser
 
 

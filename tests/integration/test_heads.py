@@ -130,3 +130,28 @@ def test_heads_persist_across_restarts(redis_server, tmp_path):
                 assert bank.predict("kept", images[:2])[0].label in ("bright", "dark")
         finally:
             assert second.terminate() == 0
+
+
+def test_cli_train_head_put_and_predict(server, tmp_path):
+    """`featurebank train-head --put` then `featurebank predict` label image files from the command line."""
+    import subprocess
+    import sys
+
+    images, labels = _two_class_images(20, seed=8)
+    paths = []
+    for i, (img, label) in enumerate(zip(images, labels)):
+        p = tmp_path / "data" / label / f"{i}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(img)
+        paths.append(str(p))
+    cli = [sys.executable, "-m", "featurebank.client.cli"]
+    train = subprocess.run([*cli, "train-head", str(tmp_path / "data"), "--backbone", "toy", "--out", str(tmp_path / "h.keras"),
+                            "--epochs", "30", "--put", "cli-head", "--target", server.target, "--quiet"],
+                           capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr
+    assert "val_accuracy" in train.stdout and "serving as cli-head v1" in train.stdout
+    predict = subprocess.run([*cli, "predict", "--head", "cli-head", paths[0], paths[-1], "--target", server.target],
+                             capture_output=True, text=True)
+    assert predict.returncode == 0, predict.stderr
+    rows = [line.split("\t") for line in predict.stdout.splitlines()]
+    assert [r[1] for r in rows] == [labels[0], labels[-1]]
