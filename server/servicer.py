@@ -196,6 +196,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
 
         # 2. one cache round trip for all of them
         features: dict[str, np.ndarray] = {}
+        corrupt: set[str] = set()  # recomputed and rewritten, never answered from memory
         if request.cache_policy == pb.USE and todo:
             keys = list(todo)
             for key, value in zip(keys, await self.cache.get_many(keys)):
@@ -206,9 +207,10 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 except codec.CorruptValueError as e:
                     self.metrics.cache_corrupt.inc()
                     logger.warning("corrupt cache value for %s (%s); recomputing", key, e)
+                    corrupt.add(key)
             for key in todo:
                 # Finished a moment ago by another request whose cache write raced our read.
-                if key not in features and key in self.recent:
+                if key not in features and key not in corrupt and key in self.recent:
                     features[key] = self.recent[key]
         for key, arr in features.items():
             for i in todo[key]:

@@ -146,3 +146,42 @@ def test_a_backbone_that_fails_to_load_stops_the_server_with_a_reason(start_serv
     wait_until(lambda: server.proc.poll() is not None, 120, "the server to exit")
     assert server.proc.returncode != 0
     assert "refuses to load" in server.log()
+
+
+@pytest.mark.parametrize("corruption", ["truncate", "bitflip"])
+def test_corrupt_cached_value_is_recomputed_never_served(redis_server, start_server, corruption):
+    """A truncated or bit-flipped value in Redis is caught by its checksum, recomputed and rewritten."""
+    server = start_server("--backbone", "toy", "--redis-url", redis_server.url)
+    img = random_images(1, seed=60)[0]
+    with FeatureBank(server.target) as bank:
+        good = bank.extract([img], backbone="toy")
+        r = redis_server.client()
+        (key,) = r.keys("fb1:*")
+        value = r.get(key)
+        bad = value[:-7] if corruption == "truncate" else value[:-3] + bytes([value[-3] ^ 0x10]) + value[-2:]
+        r.set(key, bad)
+        (again,) = bank.extract_items([img], backbone="toy")
+        assert not again.cache_hit
+        np.testing.assert_array_equal(again.features, good[0])
+        assert r.get(key) == value  # rewritten
+        assert bank.extract_items([img], backbone="toy")[0].cache_hit
+    assert server.metric("featurebank_cache_corrupt_values_total") == 1
+
+
+def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(start_server):
+    """On SIGTERM in-flight requests complete, new ones are refused with UNAVAILABLE, and the exit code is 0."""
+    server = start_server("--backbone", FAULTY, "--grace-period-s", "20", env={"FB_TEST_FORWARD_DELAY_MS": "2000"})
+    with FeatureBank(server.target, timeout_s=60) as bank, concurrent.futures.ThreadPoolExecutor(2) as ex:
+        in_flight = ex.submit(bank.extract, random_images(2, seed=70), backbone=FAULTY)
+        wait_until(lambda: server.metric("featurebank_batch_size_count") >= 1, 20, "the batch to reach a worker")
+        server.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: server.health() in ("NOT_SERVING", "UNAVAILABLE"), 10, "health to leave SERVING")
+        assert in_flight.result().shape == (2, 16)
+    with grpc.insecure_channel(server.target) as ch:
+        from featurebank.v1 import featurebank_pb2 as pb
+        from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
+
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.FeatureBankStub(ch).ListBackbones(pb.ListBackbonesRequest(), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert server.proc.wait(30) == 0
