@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from featurebank.v1 import featurebank_pb2 as pb
@@ -29,11 +31,11 @@ def to_proto(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
     if name not in NUMPY_TO_DTYPE:
         raise TensorError(f"unsupported dtype {a.dtype}; use one of {sorted(NUMPY_TO_DTYPE)}")
     code = NUMPY_TO_DTYPE[name]
-    a = np.ascontiguousarray(a, dtype=DTYPE_TO_NUMPY[code])
+    a = np.asarray(a, dtype=DTYPE_TO_NUMPY[code])  # not ascontiguousarray: it turns a scalar into shape (1,)
     t = out if out is not None else pb.Tensor()
     t.dtype = code
     t.shape[:] = a.shape
-    t.data = a.tobytes()
+    t.data = a.tobytes(order="C")
     return t
 
 
@@ -49,7 +51,7 @@ def from_proto(t: pb.Tensor, max_elements: int | None = None) -> np.ndarray:
     shape = tuple(int(d) for d in t.shape)
     if any(d < 0 for d in shape):
         raise TensorError(f"tensor shape {list(shape)} has a negative dimension")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)  # Python ints: a huge shape cannot wrap around and slip past the limit
     if max_elements is not None and n > max_elements:
         raise TensorError(f"tensor has {n} elements, over the limit of {max_elements}")
     expected = n * dtype.itemsize

@@ -61,10 +61,10 @@ class LRUCache(FeatureCache):
         expires = time.monotonic() + self.ttl_seconds
         for k, v in items:
             size = len(k) + len(v)
+            if k in self._data:
+                self._evict(k)  # even when the new value is too big to keep: never leave the old one
             if size > self.max_bytes:
                 continue
-            if k in self._data:
-                self._evict(k)
             self._data[k] = (v, expires)
             self.bytes_used += size
             while self.bytes_used > self.max_bytes:

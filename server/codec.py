@@ -27,9 +27,10 @@ def encode(features: np.ndarray) -> bytes:
         raise ValueError(f"cache values are float32 or float16, got {a.dtype}")
     if a.ndim > MAX_NDIM:
         raise ValueError(f"cache values have at most {MAX_NDIM} dims, got {a.ndim}")
-    data = np.ascontiguousarray(a, dtype=_DTYPES[code]).tobytes()
-    shape = struct.pack(f"<{a.ndim}I", *a.shape)
-    return b"".join((_HEAD.pack(MAGIC, FORMAT_VERSION, code, a.ndim), shape, struct.pack("<I", zlib.crc32(data)), data))
+    data = np.asarray(a, dtype=_DTYPES[code]).tobytes(order="C")
+    head = _HEAD.pack(MAGIC, FORMAT_VERSION, code, a.ndim) + struct.pack(f"<{a.ndim}I", *a.shape)
+    # The checksum covers the header too: a flipped dtype, ndim or shape byte is caught as well.
+    return b"".join((head, struct.pack("<I", zlib.crc32(data, zlib.crc32(head))), data))
 
 
 def decode(value: bytes) -> np.ndarray:
@@ -59,6 +60,6 @@ def decode(value: bytes) -> np.ndarray:
     if len(value) - offset != n * dtype.itemsize:
         raise CorruptValueError(f"value holds {len(value) - offset} data bytes, shape {shape} needs {n * dtype.itemsize}")
     data = memoryview(value)[offset:]
-    if zlib.crc32(data) != crc:
+    if zlib.crc32(data, zlib.crc32(memoryview(value)[: offset - 4])) != crc:
         raise CorruptValueError("checksum mismatch")
     return np.frombuffer(data, dtype=dtype).reshape(shape)
