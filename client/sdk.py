@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Iterable, Iterator, Sequence
 
 import grpc
@@ -97,6 +98,30 @@ def _stack(outcomes: list[ItemOutcome]) -> np.ndarray:
     return np.stack([o.features for o in outcomes])
 
 
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def make_channel(target: str, *, aio: bool = False, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None, tls: bool = False):
+    """A channel to the server: TLS when any TLS option is given (mutual TLS with a client
+    certificate and key), plaintext otherwise."""
+    module = grpc.aio if aio else grpc
+    if tls or tls_ca_file or tls_cert_file:
+        creds = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca_file), private_key=_read(tls_key_file),
+                                             certificate_chain=_read(tls_cert_file))
+        return module.secure_channel(target, creds, options=channel_options())
+    return module.insecure_channel(target, options=channel_options())
+
+
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    token = token if token is not None else os.environ.get("FEATUREBANK_TOKEN")
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 class FeatureBank:
     """A blocking client. Use as a context manager.
 
@@ -104,15 +129,22 @@ class FeatureBank:
         target: ``host:port``, or ``dns:///name:port`` to spread calls over every replica.
         timeout_s: deadline of each RPC.
         max_request_bytes: inputs are split into requests no larger than this.
+        token: bearer token of your tenant (default: env FEATUREBANK_TOKEN).
+        tls_ca_file, tls_cert_file, tls_key_file: TLS to the server (CA to trust; client
+            certificate and key for mutual TLS). ``tls=True`` uses the system's CAs.
     """
 
     def __init__(self, target: str, *, timeout_s: float = 300.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST, channel: grpc.Channel | None = None):
+                 max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST, channel: grpc.Channel | None = None,
+                 token: str | None = None, tls: bool = False, tls_ca_file: str | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None):
         self.target = target
         self.timeout_s = timeout_s
         self.max_request_bytes = max_request_bytes
         self.max_items_per_request = max_items_per_request
-        self._channel = channel or grpc.insecure_channel(target, options=channel_options())
+        self._metadata = _auth_metadata(token)
+        self._channel = channel or make_channel(target, tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
+                                                tls_key_file=tls_key_file)
         self._stub = pb_grpc.FeatureBankStub(self._channel)
 
     def __enter__(self) -> "FeatureBank":
@@ -126,7 +158,7 @@ class FeatureBank:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout_s)
+            return method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise FeatureBankError.from_rpc_error(e) from None
 
@@ -217,7 +249,7 @@ class FeatureBank:
             except Exception as e:  # an unreadable input: end the stream and tell the reader why
                 chunks.put(e)
 
-        responses = self._stub.ExtractStream(requests())
+        responses = self._stub.ExtractStream(requests(), metadata=self._metadata)
         try:
             while True:
                 item = chunks.get()
@@ -401,12 +433,16 @@ class AsyncFeatureBank:
     """The asyncio twin of FeatureBank (same methods, awaitable)."""
 
     def __init__(self, target: str, *, timeout_s: float = 300.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST):
+                 max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST, token: str | None = None,
+                 tls: bool = False, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None):
         self.target = target
         self.timeout_s = timeout_s
         self.max_request_bytes = max_request_bytes
         self.max_items_per_request = max_items_per_request
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options())
+        self._metadata = _auth_metadata(token)
+        self._channel = make_channel(target, aio=True, tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
+                                     tls_key_file=tls_key_file)
         self._stub = pb_grpc.FeatureBankStub(self._channel)
 
     async def __aenter__(self) -> "AsyncFeatureBank":
@@ -420,7 +456,7 @@ class AsyncFeatureBank:
 
     async def _call(self, method, request):
         try:
-            return await method(request, timeout=self.timeout_s)
+            return await method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise FeatureBankError.from_rpc_error(e) from None
 

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from featurebank.server.auth import TokenAuthenticator, server_credentials
 from featurebank.server.batching import DynamicBatcher
 from featurebank.server.cache import FeatureCache, LRUCache, RedisCache
 from featurebank.server.config import ServerConfig
@@ -96,10 +97,16 @@ class FeatureBankServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        self.server = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics)], options=options)
+        authenticator = TokenAuthenticator.from_file(c.tokens_file) if c.tokens_file else None
+        self.server = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics, authenticator)], options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert_file:
+            self.port = self.server.add_secure_port(
+                address, server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file))
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {c.host}:{c.port}")
         if c.metrics_port >= 0:
@@ -109,7 +116,8 @@ class FeatureBankServer:
         # FeatureBank RPCs answer UNAVAILABLE until then.
         self.servicer = FeatureBankServicer({}, self.cache, self.metrics, storage_dtype=c.cache_dtype,
                                             max_items_per_request=c.max_items_per_request,
-                                            stream_window=c.stream_window, heads=self.heads)
+                                            stream_window=c.stream_window, heads=self.heads,
+                                            shared_cache_backbones=[b for b in c.shared_cache_backbones.split(",") if b])
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(self.servicer, self.server)
         await self.server.start()
         self._write_port_file(ready=False)

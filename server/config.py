@@ -48,6 +48,11 @@ class ServerConfig:
     heads_dir: str = _field("", "where heads persist without Redis (default $XDG_DATA_HOME/featurebank/heads); "
                             "with --redis-url they live in Redis, shared by every replica")
     stream_window: int = _field(4, "request messages of one ExtractStream worked on at a time")
+    tls_cert_file: str = _field("", "PEM certificate for TLS on the gRPC port (with --tls-key-file)")
+    tls_key_file: str = _field("", "PEM private key for TLS")
+    tls_client_ca_file: str = _field("", "PEM CA: require client certificates it signed (mutual TLS)")
+    tokens_file: str = _field("", "JSON tenants file: bearer tokens, allowed backbones/heads, cache salts (empty: no auth)")
+    shared_cache_backbones: str = _field("", "comma-separated backbones whose cache is one pool for every tenant (public data)")
     grace_period_s: float = _field(20.0, "on SIGTERM: how long in-flight requests may take to finish")
     warmup: bool = _field(True, "trace every batch shape before reporting ready")
     port_file: str = _field("", "write {\"port\", \"metrics_port\"} as JSON here once serving (for tests and scripts)")
@@ -80,6 +85,10 @@ class ServerConfig:
         for name, ok, valid in checks:
             if not ok:
                 raise ValueError(f"invalid {name}={getattr(self, name)!r}: must be {valid}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("invalid tls_cert_file/tls_key_file: give both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("invalid tls_client_ca_file: mutual TLS needs --tls-cert-file and --tls-key-file")
         if self.workers == 0 and not self.gpu_list:
             raise ValueError("invalid workers=0: must be >= 1 without --gpus")
 

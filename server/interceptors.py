@@ -9,6 +9,7 @@ import time
 
 import grpc
 
+from featurebank.server.auth import TokenAuthenticator, current_tenant
 from featurebank.server.errors import FeatureBankError
 from featurebank.server.metrics import Metrics
 
@@ -18,11 +19,13 @@ SERVICE_PREFIX = "/featurebank.v1."
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps FeatureBankError to its status code (anything else to INTERNAL) and records
-    ``featurebank_requests_total{method,code}`` and ``featurebank_request_duration_seconds``."""
+    """Authenticates the caller (when tokens are configured), maps FeatureBankError to its status
+    code (anything else to INTERNAL) and records ``featurebank_requests_total{method,code}`` and
+    ``featurebank_request_duration_seconds``."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, authenticator: TokenAuthenticator | None = None):
         self.metrics = metrics
+        self.authenticator = authenticator
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -57,6 +60,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            if self.authenticator is not None:  # health and reflection never get here: probes stay open
+                current_tenant.set(self.authenticator.authenticate(context.invocation_metadata()))
             yield
         except FeatureBankError as e:
             code = e.code

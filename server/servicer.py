@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import fnmatch
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import numpy as np
 from featurebank.client import keys as content_keys
 from featurebank.client import tensors
 from featurebank.server import codec
+from featurebank.server.auth import current_tenant
 from featurebank.server.batching import DynamicBatcher, PendingItem
 from featurebank.server.cache import FeatureCache
 from featurebank.server.errors import (
@@ -70,13 +72,14 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
 
     def __init__(self, backbones: dict[str, ServedBackbone], cache: FeatureCache, metrics: Metrics,
                  *, storage_dtype: str, max_items_per_request: int, max_tensor_elements: int = 50_000_000,
-                 stream_window: int = 4, heads: HeadStore | None = None):
+                 stream_window: int = 4, heads: HeadStore | None = None, shared_cache_backbones=()):
         self.cache = cache
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
         self.max_items_per_request = max_items_per_request
         self.max_tensor_elements = max_tensor_elements
         self.stream_window = stream_window
+        self.shared_cache_backbones = frozenset(shared_cache_backbones)
         self.heads = heads if heads is not None else DirectoryHeadStore(os.path.join(os.getcwd(), "featurebank-heads"))
         self._compiled_heads: dict[tuple[str, int], CompiledHead] = {}
         # Single-flight: cache key -> the computation in flight for it, shared by every request.
@@ -109,6 +112,9 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 raise InvalidArgumentError(
                     f"no backbone named and none is the default for {first_kind or 'these'} inputs; "
                     f"served: {', '.join(sorted(self.backbones))}")
+        tenant = current_tenant.get()
+        if tenant is not None:
+            tenant.check_backbone(backbone)
         served = self.backbones.get(backbone)
         if served is None:
             raise NotFoundError(f"unknown backbone {backbone!r}; served: {', '.join(sorted(self.backbones))}")
@@ -118,7 +124,16 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         return served, layer
 
     def _cache_key(self, served: ServedBackbone, layer: str, content_key: str) -> str:
-        return cache_key(content_key, fingerprint=served.info.fingerprint, layer=layer, storage_dtype=self.storage_dtype.name)
+        return cache_key(content_key, fingerprint=served.info.fingerprint, layer=layer,
+                         storage_dtype=self.storage_dtype.name, namespace=self._namespace(served.info.name))
+
+    def _namespace(self, backbone: str) -> str:
+        """The caller's cache-key salt: tenants cannot read, or learn about, each other's entries,
+        except for backbones configured as one shared pool (public data)."""
+        tenant = current_tenant.get()
+        if tenant is None or backbone in self.shared_cache_backbones:
+            return ""
+        return tenant.namespace
 
     def _parse_input(self, served: ServedBackbone, item: pb.Input) -> tuple[str, InputItem]:
         """Content key and worker payload of one input; ItemFailure for a bad one."""
@@ -349,6 +364,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     # ----------------------------------------------------------------------------- heads
 
     async def _compiled_head(self, name: str, version: int) -> CompiledHead:
+        self._check_head(name)
         head = await self.heads.get(name, version)
         key = (head.name, head.version)
         compiled = self._compiled_heads.get(key)
@@ -356,7 +372,14 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             compiled = self._compiled_heads[key] = CompiledHead(head)
         return compiled
 
+    @staticmethod
+    def _check_head(name: str) -> None:
+        tenant = current_tenant.get()
+        if tenant is not None:
+            tenant.check_head(name)
+
     async def PutHead(self, request: pb.PutHeadRequest, context) -> pb.HeadInfo:
+        self._check_head(request.head.name)
         head = pb.Head()
         head.CopyFrom(request.head)
         compiled = CompiledHead(head)  # validates before anything is stored
@@ -377,13 +400,17 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
 
     async def ListHeads(self, request: pb.ListHeadsRequest, context) -> pb.ListHeadsResponse:
         response = pb.ListHeadsResponse()
+        tenant = current_tenant.get()
         for name in [request.name] if request.name else await self.heads.names():
+            if tenant is not None and not request.name and not any(fnmatch.fnmatchcase(name, p) for p in tenant.heads):
+                continue  # list only what the caller may use
             for version in await self.heads.versions(name):
                 response.heads.append((await self._compiled_head(name, version)).info())
         return response
 
     async def DeleteHead(self, request: pb.DeleteHeadRequest, context) -> pb.DeleteHeadResponse:
         check_head_name(request.name)
+        self._check_head(request.name)
         versions = [request.version] if request.version else await self.heads.versions(request.name)
         deleted = 0
         for v in versions:

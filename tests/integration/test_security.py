@@ -1,0 +1,146 @@
+"""TLS, mutual TLS, bearer tokens and tenant isolation of the cache, against real servers."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import grpc
+import pytest
+
+from featurebank.client import FeatureBank, FeatureBankError, content_key
+from support import TESTS_DIR, ServerProcess, random_images, wait_until
+
+TOKEN_A = "tenant-a-token-0123456789"
+TOKEN_B = "tenant-b-token-0123456789"
+
+
+def _make_pki(d):
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, written as PEM files."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(name, key, issuer_name, issuer_key, ca=False, san=None):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+             .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    def write(path, obj):
+        data = obj.public_bytes(serialization.Encoding.PEM) if hasattr(obj, "public_bytes") and not hasattr(obj, "private_bytes") else \
+            obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        path.write_bytes(data)
+        return str(path)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "featurebank test CA")])
+    ca = cert("featurebank test CA", ca_key, ca_name, ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = cert("localhost", server_key, ca_name, ca_key,
+                  san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = cert("a client", client_key, ca_name, ca_key)
+    return {
+        "ca": write(d / "ca.pem", ca), "server_cert": write(d / "server.pem", server),
+        "server_key": write(d / "server.key", server_key), "client_cert": write(d / "client.pem", client),
+        "client_key": write(d / "client.key", client_key),
+    }
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return _make_pki(tmp_path_factory.mktemp("pki"))
+
+
+SHARED = "tests_shared_toy:SharedToy"
+TOKEN_C = "tenant-c-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def tenants_server(tmp_path_factory, shared_redis):
+    """Tenants a (everything), b (toy, heads b-*), c (the shared-pool backbone only)."""
+    d = tmp_path_factory.mktemp("tenants")
+    (d / "tokens.json").write_text(json.dumps({"tenants": {
+        "a": {"tokens": [TOKEN_A], "secret": "secret-of-a"},
+        "b": {"tokens": [TOKEN_B], "secret": "secret-of-b", "backbones": ["toy"], "heads": ["b-*"]},
+        "c": {"tokens": [TOKEN_C], "backbones": ["tests_shared_toy:*"]},
+    }}))
+    # The same toy model under a second name, whose cache is one pool for every tenant.
+    (d / "tests_shared_toy.py").write_text(
+        "from featurebank.workers.backbones.toy import ToyBackbone\n\n\nclass SharedToy(ToyBackbone):\n    pass\n")
+    s = ServerProcess("--backbone", "toy", "--backbone", SHARED, "--redis-url", shared_redis.url,
+                      "--tokens-file", str(d / "tokens.json"), "--shared-cache-backbones", SHARED,
+                      env={"PYTHONPATH": f"{d}:{TESTS_DIR}"}).start()
+    yield s
+    assert s.terminate() == 0
+
+
+def test_tls_and_mutual_tls(pki):
+    """With TLS only a client trusting the CA connects; with mTLS only a client with a certificate does."""
+    tls = ServerProcess("--backbone", "toy", "--tls-cert-file", pki["server_cert"], "--tls-key-file", pki["server_key"])
+    mtls = ServerProcess("--backbone", "toy", "--tls-cert-file", pki["server_cert"], "--tls-key-file", pki["server_key"],
+                         "--tls-client-ca-file", pki["ca"])
+    img = random_images(1, seed=1)
+    for s in (tls, mtls):
+        s.spawn().wait_port()
+    try:
+        for s in (tls, mtls):  # the health probe in support speaks plaintext: wait on the port file instead
+            wait_until(lambda s=s: s._ports(ready=True), 180, "TLS server ready")
+        with FeatureBank(tls.target, tls_ca_file=pki["ca"], timeout_s=30) as bank:
+            assert bank.extract(img, backbone="toy").shape == (1, 16)
+        with FeatureBank(tls.target, timeout_s=5) as plaintext, pytest.raises(FeatureBankError) as e:
+            plaintext.extract(img, backbone="toy")
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        with FeatureBank(mtls.target, tls_ca_file=pki["ca"], timeout_s=5) as no_cert, pytest.raises(FeatureBankError):
+            no_cert.extract(img, backbone="toy")
+        with FeatureBank(mtls.target, tls_ca_file=pki["ca"], tls_cert_file=pki["client_cert"],
+                         tls_key_file=pki["client_key"], timeout_s=30) as with_cert:
+            assert with_cert.extract(img, backbone="toy").shape == (1, 16)
+    finally:
+        assert tls.terminate() == 0 and mtls.terminate() == 0
+
+
+def test_tokens_are_required_but_probes_stay_open(tenants_server):
+    """No or wrong token: UNAUTHENTICATED; health needs none; a backbone outside a tenant's list: PERMISSION_DENIED."""
+    img = random_images(1, seed=2)
+    assert tenants_server.health() == "SERVING"
+    for token in ("", "not-a-valid-token-at-all"):
+        with FeatureBank(tenants_server.target, token=token, timeout_s=10) as bank, pytest.raises(FeatureBankError) as e:
+            bank.extract(img, backbone="toy")
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with FeatureBank(tenants_server.target, token=TOKEN_B, timeout_s=30) as b:
+        assert b.extract(img, backbone="toy").shape == (1, 16)
+        with pytest.raises(FeatureBankError) as e:
+            b.extract(img, backbone=SHARED)
+        assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(FeatureBankError) as e:
+            b.predict("a-head", img)
+        assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert tenants_server.metric("featurebank_requests_total", code="UNAUTHENTICATED") >= 2
+
+
+def test_tenants_cannot_see_each_others_cache(tenants_server):
+    """B can neither Lookup nor hit what A computed (salted keys); a shared-pool backbone is one cache."""
+    img = random_images(1, seed=3)
+    with FeatureBank(tenants_server.target, token=TOKEN_A, timeout_s=30) as a, \
+            FeatureBank(tenants_server.target, token=TOKEN_B, timeout_s=30) as b:
+        assert not a.extract_items(img, backbone="toy")[0].cache_hit
+        assert a.lookup([content_key(img[0])], backbone="toy")[0].cache_hit
+        looked_up = b.lookup([content_key(img[0])], backbone="toy")[0]
+        assert looked_up.error is not None and looked_up.error.code == grpc.StatusCode.NOT_FOUND
+        assert not b.extract_items(img, backbone="toy")[0].cache_hit  # B computes its own copy
+
+    other = random_images(1, seed=4)
+    with FeatureBank(tenants_server.target, token=TOKEN_A, timeout_s=30) as a, \
+            FeatureBank(tenants_server.target, token=TOKEN_C, timeout_s=30) as c:
+        assert not a.extract_items(other, backbone=SHARED)[0].cache_hit
+        assert c.extract_items(other, backbone=SHARED)[0].cache_hit
