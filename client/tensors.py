@@ -20,6 +20,10 @@ NUMPY_TO_DTYPE: dict[str, int] = {np.dtype(v).name: k for k, v in DTYPE_TO_NUMPY
 DTYPE_NAMES: dict[int, str] = {k: v.name for k, v in DTYPE_TO_NUMPY.items()}
 
 
+MAX_NDIM = 8
+MAX_DIM = 2**31 - 1  # numpy refuses shapes whose product (ignoring zeros) overflows
+
+
 class TensorError(ValueError):
     """A Tensor message that does not describe a valid array."""
 
@@ -51,6 +55,10 @@ def from_proto(t: pb.Tensor, max_elements: int | None = None) -> np.ndarray:
     shape = tuple(int(d) for d in t.shape)
     if any(d < 0 for d in shape):
         raise TensorError(f"tensor shape {list(shape)} has a negative dimension")
+    if len(shape) > MAX_NDIM:
+        raise TensorError(f"tensor has {len(shape)} dimensions, over the limit of {MAX_NDIM}")
+    if any(d > MAX_DIM for d in shape):
+        raise TensorError(f"tensor shape {list(shape)} has a dimension over {MAX_DIM}")
     n = math.prod(shape)  # Python ints: a huge shape cannot wrap around and slip past the limit
     if max_elements is not None and n > max_elements:
         raise TensorError(f"tensor has {n} elements, over the limit of {max_elements}")

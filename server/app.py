@@ -95,6 +95,10 @@ class FeatureBankServer:
             ("grpc.max_send_message_length", c.max_message_bytes),
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_permit_without_calls", 1),
+            # Long-lived clients reconnect every few minutes, so a scale-up behind a headless
+            # Service gets traffic; in-flight RPCs (long ExtractStreams too) get an hour to finish.
+            ("grpc.max_connection_age_ms", int(c.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", 3_600_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
         authenticator = TokenAuthenticator.from_file(c.tokens_file) if c.tokens_file else None

@@ -53,6 +53,7 @@ class ServerConfig:
     tls_client_ca_file: str = _field("", "PEM CA: require client certificates it signed (mutual TLS)")
     tokens_file: str = _field("", "JSON tenants file: bearer tokens, allowed backbones/heads, cache salts (empty: no auth)")
     shared_cache_backbones: str = _field("", "comma-separated backbones whose cache is one pool for every tenant (public data)")
+    max_connection_age_s: float = _field(300.0, "clients reconnect after this long, so new replicas get traffic")
     grace_period_s: float = _field(20.0, "on SIGTERM: how long in-flight requests may take to finish")
     warmup: bool = _field(True, "trace every batch shape before reporting ready")
     port_file: str = _field("", "write {\"port\", \"metrics_port\"} as JSON here once serving (for tests and scripts)")
@@ -81,6 +82,7 @@ class ServerConfig:
             ("max_image_pixels", self.max_image_pixels >= 1, ">= 1"),
             ("grace_period_s", self.grace_period_s >= 0, ">= 0"),
             ("stream_window", 1 <= self.stream_window <= 64, "1..64"),
+            ("max_connection_age_s", self.max_connection_age_s >= 1, ">= 1"),
         ]
         for name, ok, valid in checks:
             if not ok:

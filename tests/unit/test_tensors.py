@@ -152,9 +152,9 @@ def test_max_elements_checked_before_data_length():
 
 @pytest.mark.parametrize("shape", [[2**32, 2**32], [2**62, 4], [2**63 - 1, 2]], ids=["wraps-to-0", "wraps-to-0b", "wraps-negative"])
 def test_overflowing_shape_is_over_max_elements(shape):
-    """A shape whose element count overflows int64 raises TensorError for being over max_elements."""
+    """A shape whose element count overflows int64 raises TensorError (a dimension or the count is over its limit)."""
     t = pb.Tensor(dtype=pb.FLOAT32, shape=shape, data=b"")
-    with pytest.raises(TensorError, match="over the limit"):
+    with pytest.raises(TensorError, match="over"):
         tensors.from_proto(t, max_elements=1_000_000)
 
 
@@ -171,3 +171,10 @@ def test_dtype_tables_agree():
     for dt in tensors.DTYPE_TO_NUMPY.values():
         assert dt.byteorder in ("<", "|", "=")
         assert dt.newbyteorder("<") == dt
+
+
+def test_many_dimensions_with_a_zero_are_refused():
+    """A 16-dim shape whose zeros make it empty is refused by the rank limit (found by the fuzzer)."""
+    t = pb.Tensor(dtype=pb.UINT8, shape=[0, 0, 0, 0, 65, 84, 120, 12700, 100, 96, 100, 98, 0, 0, 0, 59], data=b"")
+    with pytest.raises(TensorError, match="dimensions, over the limit"):
+        tensors.from_proto(t, max_elements=1_000_000)
