@@ -24,6 +24,7 @@ class PendingItem:
     waiters: int = 1  # requests still interested; 0 = everyone left, do not compute
     attempts: int = 0  # times a batch holding this item killed a worker
     enqueued_at: float = 0.0
+    from_cache: bool = False  # another replica computed it; it was read from the shared cache
 
     def abandoned(self, now: float) -> str | None:
         """Why this item should not reach a worker ("cancelled", "deadline"), or None."""

@@ -6,6 +6,7 @@ import abc
 import asyncio
 import collections
 import logging
+import os
 import time
 from typing import Sequence
 
@@ -28,8 +29,40 @@ class FeatureCache(abc.ABC):
     async def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Store values with the configured TTL (one round trip)."""
 
+    async def claim_many(self, keys: Sequence[str], ttl_ms: int) -> list[bool]:
+        """Claim the right to compute each key; False where another process holds the claim.
+
+        An in-process cache has no other processes: every claim succeeds (single-flight inside
+        the process already dedupes).
+        """
+        return [True] * len(keys)
+
+    async def release_many(self, keys: Sequence[str]) -> None:
+        """Give claims back once their values are written."""
+        return None
+
     async def close(self) -> None:
         return None
+
+
+CLAIM_PREFIX = "fb1claim:"
+
+
+def is_cluster_url(url: str) -> bool:
+    """``redis+cluster://host:port`` (or ``rediss+cluster://``) names a Redis Cluster seed node."""
+    return url.startswith(("redis+cluster://", "rediss+cluster://"))
+
+
+def redis_client(url: str, timeout_s: float):
+    """An asyncio client for a Redis URL, or for a Redis Cluster with a ``+cluster`` URL scheme."""
+    kwargs = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    if is_cluster_url(url):
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(url.replace("+cluster", "", 1), **kwargs)
+    import redis.asyncio as redis
+
+    return redis.Redis.from_url(url, health_check_interval=30, max_connections=256, **kwargs)
 
 
 class LRUCache(FeatureCache):
@@ -102,18 +135,15 @@ class RedisCache(FeatureCache):
         self._client = None
         self._down_until = 0.0
         self._outage = False
+        self._token = os.urandom(8).hex()  # who holds a claim, for debugging with redis-cli
+
+    @property
+    def cluster(self) -> bool:
+        return is_cluster_url(self.url)
 
     def _redis(self):
         if self._client is None:  # lazily, so a server starts even when Redis is down
-            import redis.asyncio as redis
-
-            self._client = redis.Redis.from_url(
-                self.url,
-                socket_timeout=self.timeout_s,
-                socket_connect_timeout=self.timeout_s,
-                health_check_interval=30,
-                max_connections=256,
-            )
+            self._client = redis_client(self.url, self.timeout_s)
         return self._client
 
     def _available(self) -> bool:
@@ -138,7 +168,11 @@ class RedisCache(FeatureCache):
         if not self._available():
             return [None] * len(keys)
         try:
-            values = await asyncio.wait_for(self._redis().mget(list(keys)), self.timeout_s)
+            client = self._redis()
+            # A cluster's MGET must stay within one slot: redis-py splits it per slot and
+            # sends the parts concurrently, one round trip per node touched.
+            read = client.mget_nonatomic(list(keys)) if self.cluster else client.mget(list(keys))
+            values = await asyncio.wait_for(read, self.timeout_s)
         except Exception as e:  # redis errors, OSError, timeouts: all mean "uncached"
             self._failed("get", e)
             return [None] * len(keys)
@@ -157,6 +191,31 @@ class RedisCache(FeatureCache):
             self._failed("set", e)
             return
         self._ok()
+
+    async def claim_many(self, keys: Sequence[str], ttl_ms: int) -> list[bool]:
+        """SET claim NX PX for every key in one pipeline: replicas compute each new input once."""
+        if not keys or not self._available():
+            return [True] * len(keys)
+        try:
+            pipe = self._redis().pipeline(transaction=False)
+            for k in keys:
+                pipe.set(CLAIM_PREFIX + k, self._token, nx=True, px=ttl_ms)
+            results = await asyncio.wait_for(pipe.execute(), self.timeout_s)
+        except Exception as e:
+            self._failed("claim", e)
+            return [True] * len(keys)  # without Redis, compute locally
+        return [bool(r) for r in results]
+
+    async def release_many(self, keys: Sequence[str]) -> None:
+        if not keys or not self._available():
+            return
+        try:
+            pipe = self._redis().pipeline(transaction=False)
+            for k in keys:
+                pipe.delete(CLAIM_PREFIX + k)
+            await asyncio.wait_for(pipe.execute(), self.timeout_s)
+        except Exception as e:
+            self._failed("release", e)
 
     async def close(self) -> None:
         if self._client is not None:

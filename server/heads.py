@@ -177,9 +177,9 @@ class RedisHeadStore(HeadStore):
     """Heads in Redis, shared by every replica: hash ``fbheads:NAME`` maps version -> Head, no TTL."""
 
     def __init__(self, url: str, timeout_s: float):
-        import redis.asyncio as redis
+        from featurebank.server.cache import redis_client
 
-        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._redis = redis_client(url, timeout_s)
 
     async def _do(self, coro):
         try:

@@ -72,7 +72,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
 
     def __init__(self, backbones: dict[str, ServedBackbone], cache: FeatureCache, metrics: Metrics,
                  *, storage_dtype: str, max_items_per_request: int, max_tensor_elements: int = 50_000_000,
-                 stream_window: int = 4, heads: HeadStore | None = None, shared_cache_backbones=()):
+                 stream_window: int = 4, heads: HeadStore | None = None, shared_cache_backbones=(),
+                 claim_ttl_ms: int = 30_000):
         self.cache = cache
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
@@ -80,6 +81,9 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self.max_tensor_elements = max_tensor_elements
         self.stream_window = stream_window
         self.shared_cache_backbones = frozenset(shared_cache_backbones)
+        # Cross-replica single-flight: how long a claim on a key lasts before others compute it too.
+        self.claim_ttl_ms = claim_ttl_ms
+        self._tasks: set[asyncio.Task] = set()
         self.heads = heads if heads is not None else DirectoryHeadStore(os.path.join(os.getcwd(), "featurebank-heads"))
         self._compiled_heads: dict[tuple[str, int], CompiledHead] = {}
         # Single-flight: cache key -> the computation in flight for it, shared by every request.
@@ -236,7 +240,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         led: dict[str, PendingItem] = {}
         written: dict[str, np.ndarray] = {}
         try:
-            computed = await self._compute(served, layer, misses, payloads, context, led)
+            computed = await self._compute(served, layer, misses, payloads, context, led,
+                                           claim=request.cache_policy == pb.USE)
             writes = []
             for key, outcome in computed.items():
                 if isinstance(outcome, BaseException):
@@ -245,11 +250,16 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                         _set_error(results[i], code, str(outcome))
                     continue
                 features[key] = outcome
-                if request.cache_policy != pb.BYPASS and key in led:
+                if key in led and led[key].from_cache:  # another replica computed and stored it
+                    for i in todo[key]:
+                        results[i].cache_hit = True
+                elif request.cache_policy != pb.BYPASS and key in led:
                     writes.append((key, codec.encode(outcome)))
                     written[key] = outcome
             if writes:
                 await self.cache.set_many(writes)
+            if request.cache_policy == pb.USE:
+                await self.cache.release_many([k for k, p in led.items() if not p.from_cache])
         finally:
             self._release(led, written)
 
@@ -270,11 +280,14 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         return response
 
     async def _compute(self, served: ServedBackbone, layer: str, keys: list[str], payloads: dict[str, InputItem],
-                       context: grpc.aio.ServicerContext, led: dict[str, PendingItem]) -> dict[str, Any]:
+                       context: grpc.aio.ServicerContext, led: dict[str, PendingItem],
+                       claim: bool = False) -> dict[str, Any]:
         """Features (or the exception) per cache key, joining computations already in flight.
 
         Keys this request started are added to ``led``: the request writes them to the cache and
-        then releases them, so a request arriving meanwhile joins instead of recomputing.
+        then releases them, so a request arriving meanwhile joins instead of recomputing. With
+        ``claim``, a shared cache is asked first who computes each new key: keys another replica
+        is computing are awaited from the cache instead (``PendingItem.from_cache``).
         """
         if not keys:
             return {}
@@ -297,10 +310,19 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 self.metrics.singleflight_joins.labels(served.info.name).inc()
             else:
                 p = PendingItem(payloads[key], layer, loop.create_future(), deadline)
-                served.batcher.submit(p)
                 self.inflight[key] = p
                 led[key] = p
             pending.append(p)
+        started = [k for k in led if k in keys]
+        claimed = await self.cache.claim_many(started, self.claim_ttl_ms) if claim and started else [True] * len(started)
+        elsewhere = []
+        for key, mine in zip(started, claimed):
+            if mine:
+                served.batcher.submit(led[key])
+            else:
+                elsewhere.append(key)
+        if elsewhere:
+            self._background(self._await_other_replica(served, {k: led[k] for k in elsewhere}))
         outcomes = await asyncio.gather(*(self._wait(p) for p in pending), return_exceptions=True)
         out: dict[str, Any] = {}
         for key, o in zip(keys, outcomes):
@@ -309,6 +331,41 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             else:
                 out[key] = np.asarray(o, dtype=self.storage_dtype)
         return out
+
+    async def _await_other_replica(self, served: ServedBackbone, items: dict[str, PendingItem]) -> None:
+        """Poll the shared cache for keys another replica claimed; compute here what never arrives."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.claim_ttl_ms / 1000.0
+        delay = 0.005
+        while items and loop.time() < give_up:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+            keys = list(items)
+            for key, value in zip(keys, await self.cache.get_many(keys)):
+                if value is None:
+                    continue
+                p = items.pop(key)
+                try:
+                    arr = codec.decode(value)
+                except codec.CorruptValueError:
+                    served.batcher.submit(p)
+                    continue
+                p.from_cache = True
+                if not p.future.done():
+                    p.future.set_result(arr)
+            for key in [k for k, p in items.items() if p.waiters <= 0]:
+                items.pop(key).future.cancel()  # everyone left
+        for p in items.values():  # the other replica died or is slow: compute it here
+            if not p.future.done():
+                try:
+                    served.batcher.submit(p)
+                except QueueFullError as e:
+                    p.future.set_exception(e)
+
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _release(self, led: dict[str, PendingItem], written: dict[str, np.ndarray]) -> None:
         """Forget finished computations this request led, remembering those it wrote to the cache."""
