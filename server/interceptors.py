@@ -10,12 +10,39 @@ import time
 import grpc
 
 from featurebank.server.auth import TokenAuthenticator, current_tenant
-from featurebank.server.errors import FeatureBankError
+from featurebank.server.errors import FeatureBankError, InvalidArgumentError
 from featurebank.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/featurebank.v1."
+
+
+class _Unparsable:
+    """Stands in for a request message protobuf could not parse (e.g. text that is not UTF-8)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer):
+    """Parse failures become a value the handler turns into INVALID_ARGUMENT (gRPC would say UNKNOWN)."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:
+            return _Unparsable(e)
+
+    return parse
+
+
+def _checked(request):
+    if isinstance(request, _Unparsable):
+        raise InvalidArgumentError(f"request message cannot be parsed: {request.error}")
+    return request
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -32,7 +59,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(SERVICE_PREFIX):
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        kw = dict(request_deserializer=_lenient(handler.request_deserializer),
+                  response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, handler.unary_unary), **kw)
         if handler.stream_stream is not None:
@@ -42,14 +70,18 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, method: str, inner):
         async def behavior(request, context: grpc.aio.ServicerContext):
             async with self._status(method, context):
-                return await inner(request, context)
+                return await inner(_checked(request), context)
 
         return behavior
 
     def _wrap_stream(self, method: str, inner):
         async def behavior(request_iterator, context: grpc.aio.ServicerContext):
+            async def checked():
+                async for request in request_iterator:
+                    yield _checked(request)
+
             async with self._status(method, context):
-                async for response in inner(request_iterator, context):
+                async for response in inner(checked(), context):
                     yield response
 
         return behavior

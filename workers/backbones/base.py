@@ -147,6 +147,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
     if not data:
         raise InvalidInputError("empty image: no bytes")
+    # Our own limit, checked on the header below, replaces Pillow's global one (which would refuse
+    # with a less useful message, and only at twice its default).
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
