@@ -71,6 +71,9 @@ def test_features_from_an_image_folder_then_train_save_load(bank, tmp_path):
 
     head = bank.fit_head(tmp_path / "data", backbone="toy", head="logistic", validation_split=0.25, epochs=60)
     assert head.metrics["val_accuracy"] >= 0.9
+    # Training a head never touches the frozen backbone: recomputed features are unchanged.
+    recomputed = bank.extract(images[:8], backbone="toy", cache_policy=1)  # BYPASS
+    np.testing.assert_allclose(recomputed, bank.features(images[:8], backbone="toy").features, atol=1e-6)
     head.save(tmp_path / "head.keras")
     loaded = Head.load(tmp_path / "head.keras")
     np.testing.assert_allclose(loaded.predict(fs), head.predict(fs), atol=1e-6)
