@@ -185,3 +185,51 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(start_serve
             pb_grpc.FeatureBankStub(ch).ListBackbones(pb.ListBackbonesRequest(), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert server.proc.wait(30) == 0
+
+
+def _rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_overload_is_refused_fast_memory_stays_bounded_and_throughput_recovers(start_server):
+    """A flood far above the sustainable rate gets fast RESOURCE_EXHAUSTED, bounded RSS, and full service after."""
+    server = start_server("--backbone", FAULTY, "--max-batch-size", "8", "--max-queue-size", "32",
+                          env={"FB_TEST_FORWARD_DELAY_MS": "100"})  # sustainable: ~80 items/s
+    images = random_images(64, seed=80)
+    with FeatureBank(server.target, timeout_s=30) as bank:
+        bank.extract(images[:8], backbone=FAULTY, cache_policy=1)
+        rss_before = _rss_mib(server.proc.pid)
+        stop = time.monotonic() + 10
+        outcomes: list[tuple[str, float]] = []
+        lock = threading.Lock()
+
+        def flood(seed: int):
+            rng = np.random.default_rng(seed)
+            while time.monotonic() < stop:
+                batch = [images[i] for i in rng.integers(0, len(images), 4)]
+                t0 = time.perf_counter()
+                try:
+                    bank.extract(batch, backbone=FAULTY, cache_policy=1)  # BYPASS: every item costs compute
+                    code = "OK"
+                except FeatureBankError as e:
+                    code = e.code.name
+                with lock:
+                    outcomes.append((code, time.perf_counter() - t0))
+
+        threads = [threading.Thread(target=flood, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rss_after = _rss_mib(server.proc.pid)
+        rejected = [dt for code, dt in outcomes if code == "RESOURCE_EXHAUSTED"]
+        assert rejected and any(code == "OK" for code, _ in outcomes)
+        assert set(code for code, _ in outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}
+        assert sorted(rejected)[len(rejected) // 2] < 0.5  # refusals are fast, not queued
+        assert rss_after - rss_before < 200, (rss_before, rss_after)
+        t0 = time.perf_counter()
+        assert bank.extract(images[:8], backbone=FAULTY, cache_policy=1).shape == (8, 16)
+        assert time.perf_counter() - t0 < 5
