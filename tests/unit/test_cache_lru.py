@@ -39,7 +39,8 @@ async def get(cache: LRUCache, key: str):
 
 
 class ModelLRU:
-    """A reference LRU with the same contract: size = len(key) + len(value); oversized values are skipped."""
+    """A reference LRU with the same contract: size = len(key) + len(value); an oversized value is not
+    stored, and the key's previous value is dropped (never left behind, stale)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -50,9 +51,9 @@ class ModelLRU:
         return sum(len(k) + len(v) for k, v in self.data.items())
 
     def set(self, key: str, value: bytes) -> None:
+        self.data.pop(key, None)
         if len(key) + len(value) > self.max_bytes:
             return
-        self.data.pop(key, None)
         self.data[key] = value
         while self.bytes_used > self.max_bytes:
             self.data.popitem(last=False)
@@ -218,3 +219,11 @@ async def test_expired_entries_are_misses_for_each_key(clock):
     clock.now += 6
     assert await cache.get_many(["old", "new"]) == [None, b"2"]
     assert cache.bytes_used == len("new") + 1
+
+
+async def test_oversized_rewrite_drops_the_old_value():
+    """Writing a too-big value under an existing key removes the old value instead of leaving it stale."""
+    cache = LRUCache(max_bytes=10, ttl_seconds=60)
+    await cache.set_many([("k", b"old")])
+    await cache.set_many([("k", b"x" * 20)])
+    assert await cache.get_many(["k"]) == [None] and cache.bytes_used == 0
