@@ -72,8 +72,16 @@ class Head:
     @classmethod
     def train(cls, data: FeatureSet, *, head: str = "logistic", validation_split: float = 0.2, epochs: int = 200,
               batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0, patience: int = 10,
-              verbose: int = 0, **model_options) -> "Head":
-        """Train on a labelled FeatureSet; keeps the weights of the best validation loss.
+              min_validation_per_class: int = 20, small_data_steps: int = 300, verbose: int = 0,
+              **model_options) -> "Head":
+        """Train on a labelled FeatureSet.
+
+        With enough labels, ``validation_split`` of them (seeded) are held out: training stops
+        early on their loss and keeps the best weights, and ``metrics`` reports them. When the
+        holdout would leave fewer than ``min_validation_per_class`` examples per class, every
+        label is used for training instead (``small_data_steps`` full-batch Adam steps at a
+        learning rate of at least 1e-2): a handful of validation examples would only make the
+        head worse, so ``metrics`` then has training accuracy only.
 
         Raises:
             ValueError: no labels, fewer than two classes, or a bad option.
@@ -85,23 +93,31 @@ class Head:
         if num_classes < 2:
             raise ValueError("training a head needs at least two classes")
         keras.utils.set_random_seed(seed)
-        train, val = data.split(validation_split, seed) if validation_split else (data, None)
+        small = not validation_split or len(data) * validation_split / num_classes < min_validation_per_class
+        train, val = (data, None) if small else data.split(validation_split, seed)
         x = train.features.reshape(len(train), -1).astype(np.float32)
-        model = build_model(head, x.shape[1], num_classes, mean=x.mean(0), variance=x.var(0) + 1e-6, **model_options)
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
-        callbacks, validation = [], None
-        if val is not None:
+        variance = x.var(0)
+        variance[variance < 1e-8] = 1.0  # a feature constant in training is not blown up at prediction
+        model = build_model(head, x.shape[1], num_classes, mean=x.mean(0), variance=variance, **model_options)
+        lr = max(learning_rate, 1e-2) if small else learning_rate
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        if small:
+            # One epoch of full-batch steps over a repeated array: Keras' per-epoch overhead would
+            # otherwise dominate training on a few dozen examples.
+            history = model.fit(np.tile(x, (small_data_steps, 1)), np.tile(train.labels, small_data_steps),
+                                batch_size=len(x), epochs=1, shuffle=False, verbose=verbose)
+        else:
             validation = (val.features.reshape(len(val), -1).astype(np.float32), val.labels)
-            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True))
-        history = model.fit(x, train.labels, validation_data=validation, epochs=epochs, batch_size=batch_size,
-                            callbacks=callbacks, verbose=verbose)
+            stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+            history = model.fit(x, train.labels, validation_data=validation, epochs=epochs, batch_size=batch_size,
+                                callbacks=[stop], verbose=verbose)
         result = cls(model, backbone=data.backbone, fingerprint=data.fingerprint, layer=data.layer,
                      class_names=data.class_names or [str(i) for i in range(num_classes)], kind=head,
                      history={k: [float(v) for v in vs] for k, vs in history.history.items()})
-        if val is not None:
-            result.metrics = {f"val_{k}": v for k, v in result.evaluate(val).items()}
+        evaluated = result.evaluate(train if small else val)
+        result.metrics = {f"{'train' if small else 'val'}_{k}": v for k, v in evaluated.items()}
         result.metrics["train_examples"] = float(len(train))
+        result.metrics["feature_cache_hit_ratio"] = float(data.hit_ratio)
         return result
 
     def _check(self, x) -> np.ndarray:

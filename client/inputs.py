@@ -15,8 +15,7 @@ def to_input(item) -> pb.Input:
     """Build one Input: bytes -> image, pathlib.Path/os.PathLike -> the file's bytes as an image,
     str -> text, numpy array -> tensor, Input -> itself.
 
-    A plain ``str`` is always text; pass ``pathlib.Path`` for files (or use ``FeatureBank.extract``
-    with ``paths=True``).
+    A plain ``str`` is always text; pass ``pathlib.Path`` for image files.
     """
     if isinstance(item, pb.Input):
         return item
