@@ -319,3 +319,15 @@ def test_constructor_accepts_boundary_values():
     """max_batch_size=1, max_batch_delay_ms=0 and max_queue_size == max_batch_size are valid."""
     b = DynamicBatcher(max_batch_size=1, max_batch_delay_ms=0, max_queue_size=1)
     assert (b.max_batch_size, b.max_batch_delay_s, b.max_queue_size, len(b)) == (1, 0.0, 1, 0)
+
+
+def test_split_into_buckets_covers_every_item_and_pads_at_most_a_quarter():
+    """Batches are cut into traced sizes so no piece pads more than a quarter of its bucket."""
+    from featurebank.workers.backbones.base import split_into_buckets
+
+    buckets = (1, 2, 4, 8, 16, 32)
+    for n in range(1, 100):
+        pieces = split_into_buckets(n, buckets)
+        assert sum(size for size, _ in pieces) == n
+        for size, b in pieces:
+            assert b in buckets and size <= b and (b - size) <= b // 4

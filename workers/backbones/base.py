@@ -79,6 +79,27 @@ def canonical_architecture(architecture_json: str) -> str:
     return pattern.sub(lambda m: f'"{mapping[m.group(1)]}"', architecture_json)
 
 
+def split_into_buckets(n: int, buckets: Sequence[int]) -> list[tuple[int, int]]:
+    """(items, traced batch size) pieces covering n items with little padding.
+
+    Padding a batch of 9 up to 16 computes 7 rows of zeros (a third of the work at a typical
+    mix of request sizes); 9 = 8 + 1 costs one extra call (~1 ms) instead. A remainder only pads
+    up when that wastes fewer rows than the calls it saves: at most a quarter of the bucket.
+    """
+    pieces: list[tuple[int, int]] = []
+    while n > 0:
+        fit = max((b for b in buckets if b <= n), default=buckets[0])
+        up = bucket_for(n, buckets) if n <= buckets[-1] else buckets[-1]
+        if up - n <= up // 4 or fit > n:
+            take = min(n, up)
+            pieces.append((take, up))
+        else:
+            take = fit
+            pieces.append((fit, fit))
+        n -= take
+    return pieces
+
+
 def fingerprint_model(name: str, architecture: str, weights: Sequence[np.ndarray], preprocessing: str) -> str:
     """A hash of everything that determines a backbone's output: new weights give a new key space."""
     h = hashlib.blake2b(digest_size=16)
@@ -270,19 +291,15 @@ class ImageBackbone(Backbone):
     def forward(self, batch: list[np.ndarray]) -> dict[str, np.ndarray]:
         import tensorflow as tf
 
-        n = len(batch)
         out: dict[str, list[np.ndarray]] = {}
-        step = self.batch_buckets[-1]
-        for start in range(0, n, step):
-            chunk = batch[start : start + step]
-            b = bucket_for(len(chunk), self.batch_buckets)
-            h, w = self.input_size
-            x = np.zeros((b, h, w, 3), np.float32)
-            for i, p in enumerate(chunk):
+        start = 0
+        for size, b in split_into_buckets(len(batch), self.batch_buckets):
+            x = np.zeros((b, *self.input_size, 3), np.float32)
+            for i, p in enumerate(batch[start : start + size]):
                 x[i] = p
-            res = self._fn(tf.constant(x))
-            for k, v in res.items():
-                out.setdefault(k, []).append(v.numpy()[: len(chunk)])
+            start += size
+            for k, v in self._fn(tf.constant(x)).items():
+                out.setdefault(k, []).append(v.numpy()[:size])
         return {k: np.concatenate(v, axis=0) for k, v in out.items()}
 
     def warmup(self) -> None:
