@@ -82,21 +82,10 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------ processes
 
 
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(interval_s)
+# The process helpers are shared with the main benchmark (run as a script, so put the repo root
+# on the path first).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks.procs import free_port, wait_until  # noqa: E402
 
 
 class Valkey:
