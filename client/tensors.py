@@ -67,4 +67,7 @@ def from_proto(t: pb.Tensor, max_elements: int | None = None) -> np.ndarray:
         raise TensorError(
             f"tensor data is {len(t.data)} bytes but shape {list(shape)} x {dtype.name} needs {expected}"
         )
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    except ValueError as e:  # e.g. an empty shape whose other dims multiply past numpy's limit
+        raise TensorError(f"tensor shape {list(shape)} is not a valid array shape: {e}") from None

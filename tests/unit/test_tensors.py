@@ -178,3 +178,10 @@ def test_many_dimensions_with_a_zero_are_refused():
     t = pb.Tensor(dtype=pb.UINT8, shape=[0, 0, 0, 0, 65, 84, 120, 12700, 100, 96, 100, 98, 0, 0, 0, 59], data=b"")
     with pytest.raises(TensorError, match="dimensions, over the limit"):
         tensors.from_proto(t, max_elements=1_000_000)
+
+
+def test_empty_shape_with_huge_other_dims_is_refused():
+    """A zero-size shape whose other dims overflow numpy raises TensorError (found by the fuzzer)."""
+    t = pb.Tensor(dtype=pb.UINT8, shape=[0, 2**31 - 1, 2**31 - 1, 2**31 - 1], data=b"")
+    with pytest.raises(TensorError, match="not a valid array shape"):
+        tensors.from_proto(t, max_elements=1_000_000)

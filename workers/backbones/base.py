@@ -224,6 +224,33 @@ def pixels_from_tensor(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def image_input(item: InputItem, backbone: str, max_pixels: int, size: tuple[int, int]) -> np.ndarray:
+    """An encoded image or a raw pixel tensor as RGB uint8 pixels at ``size``."""
+    if item.kind == "image":
+        pixels = decode_image(item.payload, max_pixels)
+    elif item.kind == "tensor":
+        pixels = pixels_from_tensor(item.payload)
+    else:
+        raise InvalidInputError(f"backbone {backbone!r} takes images (or pixel tensors), not {item.kind}")
+    return resize_image(pixels, size)
+
+
+def run_bucketed(fn: Callable, batch: list[np.ndarray], item_shape: tuple[int, ...],
+                 buckets: Sequence[int]) -> dict[str, np.ndarray]:
+    """Call ``fn`` (a traced forward pass returning {layer: tensor}) on traced batch sizes only,
+    zero-padding at most a quarter of each piece, and return the layers for exactly ``batch``."""
+    out: dict[str, list[np.ndarray]] = {}
+    start = 0
+    for size, b in split_into_buckets(len(batch), buckets):
+        x = np.zeros((b, *item_shape), np.float32)
+        for i, p in enumerate(batch[start : start + size]):
+            x[i] = p
+        start += size
+        for k, v in fn(x).items():
+            out.setdefault(k, []).append(np.asarray(v)[:size])
+    return {k: np.concatenate(v, axis=0) for k, v in out.items()}
+
+
 class ImageBackbone(Backbone):
     """A Keras image model: decode + resize on the CPU, the model's own preprocessing in-graph.
 
@@ -280,27 +307,12 @@ class ImageBackbone(Backbone):
         return self._info
 
     def preprocess(self, item: InputItem) -> np.ndarray:
-        if item.kind == "image":
-            pixels = decode_image(item.payload, self.max_image_pixels)
-        elif item.kind == "tensor":
-            pixels = pixels_from_tensor(item.payload)
-        else:
-            raise InvalidInputError(f"backbone {self.name!r} takes images (or pixel tensors), not {item.kind}")
-        return resize_image(pixels, self.input_size)
+        return image_input(item, self.name, self.max_image_pixels, self.input_size)
 
     def forward(self, batch: list[np.ndarray]) -> dict[str, np.ndarray]:
         import tensorflow as tf
 
-        out: dict[str, list[np.ndarray]] = {}
-        start = 0
-        for size, b in split_into_buckets(len(batch), self.batch_buckets):
-            x = np.zeros((b, *self.input_size, 3), np.float32)
-            for i, p in enumerate(batch[start : start + size]):
-                x[i] = p
-            start += size
-            for k, v in self._fn(tf.constant(x)).items():
-                out.setdefault(k, []).append(v.numpy()[:size])
-        return {k: np.concatenate(v, axis=0) for k, v in out.items()}
+        return run_bucketed(lambda x: self._fn(tf.constant(x)), batch, (*self.input_size, 3), self.batch_buckets)
 
     def warmup(self) -> None:
         h, w = self.input_size

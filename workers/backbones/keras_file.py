@@ -9,8 +9,8 @@ from typing import Sequence
 import numpy as np
 
 from featurebank.workers.backbones.base import (
-    DEFAULT_BATCH_BUCKETS, Backbone, BackboneInfo, InputItem, InvalidInputError, LayerSpec, bucket_for,
-    fingerprint_model, pixels_from_tensor, decode_image, resize_image,
+    DEFAULT_BATCH_BUCKETS, Backbone, BackboneInfo, InputItem, InvalidInputError, LayerSpec, fingerprint_model,
+    image_input, run_bucketed,
 )
 
 
@@ -109,13 +109,7 @@ class KerasFileBackbone(Backbone):
 
     def preprocess(self, item: InputItem) -> np.ndarray:
         if self.input_kind == "image":
-            if item.kind == "image":
-                pixels = decode_image(item.payload, self.max_image_pixels)
-            elif item.kind == "tensor":
-                pixels = pixels_from_tensor(item.payload)
-            else:
-                raise InvalidInputError(f"backbone {self.name!r} takes images (or pixel tensors), not {item.kind}")
-            return resize_image(pixels, self.item_shape[:2]).astype(np.float32)
+            return image_input(item, self.name, self.max_image_pixels, self.item_shape[:2]).astype(np.float32)
         if item.kind != "tensor":
             raise InvalidInputError(f"backbone {self.name!r} takes tensors of shape {list(self.item_shape)}, not {item.kind}")
         a = np.asarray(item.payload)
@@ -127,15 +121,7 @@ class KerasFileBackbone(Backbone):
         return a
 
     def forward(self, batch: list[np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[np.ndarray]] = {}
-        step = self.batch_buckets[-1]
-        for start in range(0, len(batch), step):
-            chunk = batch[start:start + step]
-            x = np.zeros((bucket_for(len(chunk), self.batch_buckets), *self.item_shape), np.float32)
-            x[: len(chunk)] = np.stack(chunk)
-            for k, v in self._fn(x).items():
-                out.setdefault(k, []).append(v.numpy()[: len(chunk)])
-        return {k: np.concatenate(v) for k, v in out.items()}
+        return run_bucketed(self._fn, batch, self.item_shape, self.batch_buckets)
 
     def warmup(self) -> None:
         for b in self.batch_buckets:
