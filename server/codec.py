@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -12,6 +13,8 @@ FORMAT_VERSION = 1
 _HEAD = struct.Struct("<2sBBB")  # magic, version, dtype code, ndim
 _DTYPES: dict[int, np.dtype] = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
 _CODES: dict[str, int] = {v.name: k for k, v in _DTYPES.items()}
+# The stored dtype's name by header code, for callers that must not touch numpy per value.
+DTYPE_NAMES: dict[int, str] = {k: v.name for k, v in _DTYPES.items()}
 MAX_NDIM = 8
 
 
@@ -33,8 +36,19 @@ def encode(features: np.ndarray) -> bytes:
     return b"".join((head, struct.pack("<I", zlib.crc32(data, zlib.crc32(head))), data))
 
 
-def decode(value: bytes) -> np.ndarray:
-    """Parse a cached value back into a read-only array (zero copy over ``value``).
+class Header(NamedTuple):
+    """A checked value's layout: dtype code (see ``DTYPE_NAMES``), shape, and where the data starts."""
+
+    code: int
+    shape: tuple[int, ...]
+    offset: int
+
+
+def check(value: bytes) -> Header:
+    """Verify a cached value (format, lengths, checksum) without building an array.
+
+    The data after ``offset`` is then exactly the features as little-endian C-order bytes of
+    the stored dtype, so the hit path can pass it on as is, with no numpy in between.
 
     Raises:
         CorruptValueError: wrong magic/version/dtype, truncated or extended data, bad checksum.
@@ -59,7 +73,21 @@ def decode(value: bytes) -> np.ndarray:
         n *= d
     if len(value) - offset != n * dtype.itemsize:
         raise CorruptValueError(f"value holds {len(value) - offset} data bytes, shape {shape} needs {n * dtype.itemsize}")
-    data = memoryview(value)[offset:]
-    if zlib.crc32(data, zlib.crc32(memoryview(value)[: offset - 4])) != crc:
+    view = memoryview(value)
+    if zlib.crc32(view[offset:], zlib.crc32(view[: offset - 4])) != crc:
         raise CorruptValueError("checksum mismatch")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return Header(code, shape, offset)
+
+
+def decode(value: bytes) -> np.ndarray:
+    """Parse a cached value back into a read-only array (zero copy over ``value``).
+
+    Raises:
+        CorruptValueError: wrong magic/version/dtype, truncated or extended data, bad checksum.
+    """
+    return to_array(value, check(value))
+
+
+def to_array(value: bytes, header: Header) -> np.ndarray:
+    """The array of a value ``check`` accepted (zero copy over ``value``)."""
+    return np.frombuffer(memoryview(value)[header.offset:], dtype=_DTYPES[header.code]).reshape(header.shape)

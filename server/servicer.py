@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 _CONTENT_KEY = re.compile(r"^[0-9a-f]{32}$")
 _OUTPUT_DTYPES = {pb.DTYPE_UNSPECIFIED: np.dtype("<f4"), pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
+# The Tensor dtype each requested output_dtype answers with, and the Tensor dtype a cached value's
+# bytes already are (by codec header code): when the two agree, a hit is passed on byte for byte.
+_OUTPUT_TENSOR_DTYPES = {pb.DTYPE_UNSPECIFIED: pb.FLOAT32, pb.FLOAT32: pb.FLOAT32, pb.FLOAT16: pb.FLOAT16}
+_STORED_TENSOR_DTYPES = {code: tensors.NUMPY_TO_DTYPE[name] for code, name in codec.DTYPE_NAMES.items()}
 # Which Input payloads each backbone input kind accepts (an image backbone takes raw pixel tensors).
 _ACCEPTS = {"image": ("image", "tensor"), "text": ("text",), "tensor": ("tensor",)}
 
@@ -65,6 +69,21 @@ class ItemFailure(Exception):
 def _set_error(result: pb.ItemResult, code: grpc.StatusCode, message: str) -> None:
     result.error.code = code.value[0]
     result.error.message = message
+
+
+def _cached_to_proto(value: bytes, header: codec.Header, want: int, out_dtype: np.dtype, out: pb.Tensor) -> None:
+    """Fill ``out`` from a cached value that passed ``codec.check``.
+
+    In the stored dtype (the common case) the value's data already is the Tensor's wire format,
+    little-endian and C order, so it is copied over as is: no numpy array, no dtype lookups, no
+    conversion (this was ~40 % of a batch Lookup's time). Any other dtype is converted.
+    """
+    if _STORED_TENSOR_DTYPES[header.code] == want:
+        out.dtype = want
+        out.shape[:] = header.shape
+        out.data = bytes(value[header.offset:])  # bytes(...) of a bytes slice is that slice: one copy
+    else:
+        tensors.to_proto(codec.to_array(value, header).astype(out_dtype, copy=False), out)
 
 
 class FeatureBankServicer(pb_grpc.FeatureBankServicer):
@@ -215,6 +234,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
 
         # 2. one cache round trip for all of them
         features: dict[str, np.ndarray] = {}
+        cached: dict[str, tuple[bytes, codec.Header]] = {}  # hits, checked but still raw bytes
         corrupt: set[str] = set()  # recomputed and rewritten, never answered from memory
         if request.cache_policy == pb.USE and todo:
             keys = list(todo)
@@ -222,21 +242,22 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 if value is None:
                     continue
                 try:
-                    features[key] = codec.decode(value)
+                    cached[key] = (value, codec.check(value))
                 except codec.CorruptValueError as e:
                     self.metrics.cache_corrupt.inc()
                     logger.warning("corrupt cache value for %s (%s); recomputing", key, e)
                     corrupt.add(key)
             for key in todo:
                 # Finished a moment ago by another request whose cache write raced our read.
-                if key not in features and key not in corrupt and key in self.recent:
+                if key not in cached and key not in corrupt and key in self.recent:
                     features[key] = self.recent[key]
-        for key, arr in features.items():
-            for i in todo[key]:
-                results[i].cache_hit = True
+        for hits in (cached, features):
+            for key in hits:
+                for i in todo[key]:
+                    results[i].cache_hit = True
 
         # 3. the misses, single-flight across requests, batched across requests
-        misses = [k for k in todo if k not in features]
+        misses = [k for k in todo if k not in features and k not in cached]
         led: dict[str, PendingItem] = {}
         written: dict[str, np.ndarray] = {}
         try:
@@ -264,12 +285,18 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             self._release(led, written)
 
         # 4. answer in input order
+        want = _OUTPUT_TENSOR_DTYPES[request.output_dtype]
         counts = {"hit": 0, "miss": 0, "error": 0}
         for key, idx in todo.items():
-            arr = features.get(key)
-            if arr is None:
-                continue
-            t = tensors.to_proto(arr.astype(out_dtype, copy=False), results[idx[0]].features)
+            t = results[idx[0]].features
+            hit = cached.get(key)
+            if hit is not None:
+                _cached_to_proto(hit[0], hit[1], want, out_dtype, t)
+            else:
+                arr = features.get(key)
+                if arr is None:
+                    continue
+                tensors.to_proto(arr.astype(out_dtype, copy=False), t)
             for i in idx[1:]:
                 results[i].features.CopyFrom(t)
         for r in results:
@@ -408,11 +435,14 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             _set_error(results[i], grpc.StatusCode.INVALID_ARGUMENT,
                        f"{request.keys[i][:64]!r} is not a content key (32 lowercase hex characters)")
         values = await self.cache.get_many([self._cache_key(served, layer, request.keys[i]) for i in valid])
+        want = _OUTPUT_TENSOR_DTYPES[request.output_dtype]
         for i, value in zip(valid, values):
             try:
                 if value is None:
                     raise codec.CorruptValueError("absent")
-                tensors.to_proto(codec.decode(value).astype(out_dtype, copy=False), results[i].features)
+                # A corrupt value is NOT_FOUND too: the client then sends the input to Extract,
+                # which counts it, recomputes it and rewrites it.
+                _cached_to_proto(value, codec.check(value), want, out_dtype, results[i].features)
                 results[i].cache_hit = True
             except codec.CorruptValueError:
                 _set_error(results[i], grpc.StatusCode.NOT_FOUND, "not in the cache: send the input to Extract")
