@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from typing import Iterable
 
 KEY_PREFIX = "fb1:"
+# Distinct (namespace, fingerprint, layer, dtype) prefixes kept pre-hashed: tenants x backbones x
+# layers, so a few dozen in practice; the bound only stops a tenant storm from growing it forever.
+PREFIX_CACHE_SIZE = 4096
+
+
+def _feed(h, part: str) -> None:
+    b = part.encode()
+    h.update(len(b).to_bytes(4, "little") + b)
+
+
+@functools.lru_cache(maxsize=PREFIX_CACHE_SIZE)
+def _prefix(namespace: str, fingerprint: str, layer: str, storage_dtype: str):
+    """A BLAKE2b already fed with everything but the content key. Never updated after this:
+    callers ``.copy()`` it (a memcpy of its state) instead of re-hashing four fields per key."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (namespace, fingerprint, layer, storage_dtype):
+        _feed(h, part)
+    return h
 
 
 def cache_key(content_key: str, *, fingerprint: str, layer: str, storage_dtype: str, namespace: str = "") -> str:
@@ -14,10 +34,22 @@ def cache_key(content_key: str, *, fingerprint: str, layer: str, storage_dtype: 
     fixes the pooling), the dtype the value is stored in, and an optional namespace (a tenant
     salt) together with the input's content key. The digest keeps keys short (36 bytes), which
     matters at millions of entries; a new fingerprint can never hit an old entry.
+
+    Each field is hashed as its UTF-8 length (4 bytes, little-endian) then its bytes, in the
+    order namespace, fingerprint, layer, storage dtype, content key.
     """
-    h = hashlib.blake2b(digest_size=16)
-    for part in (namespace, fingerprint, layer, storage_dtype, content_key):
-        b = part.encode()
-        h.update(len(b).to_bytes(4, "little"))
-        h.update(b)
+    h = _prefix(namespace, fingerprint, layer, storage_dtype).copy()
+    _feed(h, content_key)
     return KEY_PREFIX + h.hexdigest()
+
+
+def cache_keys(content_keys: Iterable[str], *, fingerprint: str, layer: str, storage_dtype: str,
+               namespace: str = "") -> list[str]:
+    """``cache_key`` of many content keys that share everything else (one request's worth)."""
+    prefix = _prefix(namespace, fingerprint, layer, storage_dtype)
+    out = []
+    for content_key in content_keys:
+        h = prefix.copy()
+        _feed(h, content_key)
+        out.append(KEY_PREFIX + h.hexdigest())
+    return out

@@ -26,7 +26,7 @@ from featurebank.server.errors import (
 )
 from featurebank.server.heads import CompiledHead, DirectoryHeadStore, HeadStore
 from featurebank.server.heads import check_name as check_head_name
-from featurebank.server.keys import cache_key
+from featurebank.server.keys import cache_key, cache_keys
 from featurebank.server.metrics import Metrics
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
@@ -96,6 +96,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self.cache = cache
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
+        self._storage_dtype_name = self.storage_dtype.name  # a numpy property: not per key
         self.max_items_per_request = max_items_per_request
         self.max_tensor_elements = max_tensor_elements
         self.stream_window = stream_window
@@ -148,7 +149,12 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
 
     def _cache_key(self, served: ServedBackbone, layer: str, content_key: str) -> str:
         return cache_key(content_key, fingerprint=served.info.fingerprint, layer=layer,
-                         storage_dtype=self.storage_dtype.name, namespace=self._namespace(served.info.name))
+                         storage_dtype=self._storage_dtype_name, namespace=self._namespace(served.info.name))
+
+    def _cache_keys(self, served: ServedBackbone, layer: str, content_keys) -> list[str]:
+        """``_cache_key`` of each content key, resolving the caller's namespace once."""
+        return cache_keys(content_keys, fingerprint=served.info.fingerprint, layer=layer,
+                          storage_dtype=self._storage_dtype_name, namespace=self._namespace(served.info.name))
 
     def _namespace(self, backbone: str) -> str:
         """The caller's cache-key salt: tenants cannot read, or learn about, each other's entries,
@@ -434,7 +440,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         for i in set(range(n)) - set(valid):
             _set_error(results[i], grpc.StatusCode.INVALID_ARGUMENT,
                        f"{request.keys[i][:64]!r} is not a content key (32 lowercase hex characters)")
-        values = await self.cache.get_many([self._cache_key(served, layer, request.keys[i]) for i in valid])
+        values = await self.cache.get_many(self._cache_keys(served, layer, [request.keys[i] for i in valid]))
         want = _OUTPUT_TENSOR_DTYPES[request.output_dtype]
         for i, value in zip(valid, values):
             try:

@@ -16,7 +16,8 @@ from featurebank.client import content_key
 from featurebank.client import keys as ckeys
 from featurebank.client.inputs import to_input
 from featurebank.client.tensors import TensorError
-from featurebank.server.keys import KEY_PREFIX, cache_key
+from featurebank.server import keys as server_keys
+from featurebank.server.keys import KEY_PREFIX, cache_key, cache_keys
 from featurebank.v1 import featurebank_pb2 as pb
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -264,3 +265,40 @@ def test_default_namespace_is_empty():
     plain = cache_key(ck, fingerprint="fp", layer="pooled", storage_dtype="float32")
     assert plain == cache_key(ck, fingerprint="fp", layer="pooled", storage_dtype="float32", namespace="")
     assert plain != cache_key(ck, fingerprint="fp", layer="pooled", storage_dtype="float32", namespace="tenant-a")
+
+
+def straightforward_cache_key(content_key: str, *, fingerprint: str, layer: str, storage_dtype: str,
+                              namespace: str = "") -> str:
+    """cache_key as it was first written: one fresh BLAKE2b per key, every field fed in turn."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (namespace, fingerprint, layer, storage_dtype, content_key):
+        b = part.encode()
+        h.update(len(b).to_bytes(4, "little"))
+        h.update(b)
+    return KEY_PREFIX + h.hexdigest()
+
+
+@given(st.lists(st.fixed_dictionaries({f: parts for f in FIELDS}), min_size=1, max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_prefed_hasher_keys_are_byte_identical_to_the_straightforward_ones(many):
+    """The copied, pre-fed BLAKE2b gives exactly the keys of the plain computation, however calls
+    with different and repeated prefixes interleave (the cached hasher is never fed a content key)."""
+    for values in many + many[::-1]:
+        assert make_cache_key(values) == straightforward_cache_key(**values)
+
+
+@given(st.fixed_dictionaries({f: parts for f in FIELDS if f != "content_key"}), st.lists(parts, max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_cache_keys_equals_cache_key_per_item(shared, content_keys):
+    """The batch form is the single form, item by item, in order."""
+    assert cache_keys(content_keys, **shared) == [straightforward_cache_key(k, **shared) for k in content_keys]
+
+
+def test_prefix_cache_is_bounded():
+    """More distinct prefixes than the bound evict the least recently used; keys stay right."""
+    server_keys._prefix.cache_clear()
+    for i in range(server_keys.PREFIX_CACHE_SIZE + 10):
+        ns = f"tenant-{i}"
+        assert cache_key("k" * 32, fingerprint="fp", layer="l", storage_dtype="float16", namespace=ns) == \
+            straightforward_cache_key("k" * 32, fingerprint="fp", layer="l", storage_dtype="float16", namespace=ns)
+    assert server_keys._prefix.cache_info().currsize == server_keys.PREFIX_CACHE_SIZE
