@@ -21,7 +21,7 @@ from featurebank.server.batching import DynamicBatcher
 from featurebank.server.cache import LRUCache
 from featurebank.server.metrics import Metrics
 from featurebank.server.servicer import (
-    _OUTPUT_DTYPES, _OUTPUT_TENSOR_DTYPES, FeatureBankServicer, ServedBackbone, _cached_to_proto,
+    _OUTPUT_DTYPES, _OUTPUT_TENSOR_DTYPES, HASH_OFFLOAD_BYTES, FeatureBankServicer, ServedBackbone, _cached_to_proto,
 )
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.workers.backbones.base import BackboneInfo, LayerSpec
@@ -108,3 +108,27 @@ def test_lookup_never_serves_a_corrupt_value():
     (result,) = asyncio.run(servicer.Lookup(pb.LookupRequest(backbone="b", keys=[content_key(img)]), None)).results
     assert not result.cache_hit and not result.HasField("features")
     assert result.error.code == 5  # NOT_FOUND
+
+
+def test_large_inputs_hashed_in_threads_get_the_same_keys_and_hits():
+    """Inputs over HASH_OFFLOAD_BYTES (hashed beside the event loop) and small ones (inline), mixed
+    and duplicated, get the documented content keys, in input order, and hit their entries."""
+    servicer, served = _servicer()
+    rng = np.random.default_rng(5)
+    big = [rng.bytes(HASH_OFFLOAD_BYTES + 1 + i) for i in range(5)]
+    small = [rng.bytes(100), rng.bytes(HASH_OFFLOAD_BYTES)]
+    pixels = rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)  # a 76,800-byte tensor
+    assert pixels.nbytes > HASH_OFFLOAD_BYTES
+    inputs = [big[0], small[0], big[1], pixels, big[2], small[1], big[3], big[0], big[4]]
+    rows = rng.standard_normal((len(inputs), 4)).astype(np.float32)
+    rows[7] = rows[0]  # the duplicate of big[0]
+    _store(servicer, served, inputs, rows)
+
+    from featurebank.client.inputs import to_input
+
+    request = pb.ExtractRequest(backbone="b", inputs=[to_input(x) for x in inputs])
+    response = asyncio.run(servicer.extract(request, None))
+    assert [r.key for r in response.results] == [content_key(x) for x in inputs]
+    assert all(r.cache_hit for r in response.results)
+    np.testing.assert_array_equal(np.stack([tensors.from_proto(r.features) for r in response.results]), rows)
+    assert servicer._hasher is not None  # the large ones did go to the hashing threads
