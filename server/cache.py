@@ -172,7 +172,9 @@ class RedisCache(FeatureCache):
             # A cluster's MGET must stay within one slot: redis-py splits it per slot and
             # sends the parts concurrently, one round trip per node touched.
             read = client.mget_nonatomic(list(keys)) if self.cluster else client.mget(list(keys))
-            values = await asyncio.wait_for(read, self.timeout_s)
+            # asyncio.timeout rather than wait_for: no extra task (and loop turns) per call.
+            async with asyncio.timeout(self.timeout_s):
+                values = await read
         except Exception as e:  # redis errors, OSError, timeouts: all mean "uncached"
             self._failed("get", e)
             return [None] * len(keys)
@@ -186,7 +188,8 @@ class RedisCache(FeatureCache):
             pipe = self._redis().pipeline(transaction=False)
             for k, v in items:
                 pipe.set(k, v, ex=self.ttl_seconds)
-            await asyncio.wait_for(pipe.execute(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await pipe.execute()
         except Exception as e:
             self._failed("set", e)
             return
@@ -200,7 +203,8 @@ class RedisCache(FeatureCache):
             pipe = self._redis().pipeline(transaction=False)
             for k in keys:
                 pipe.set(CLAIM_PREFIX + k, self._token, nx=True, px=ttl_ms)
-            results = await asyncio.wait_for(pipe.execute(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                results = await pipe.execute()
         except Exception as e:
             self._failed("claim", e)
             return [True] * len(keys)  # without Redis, compute locally
@@ -213,7 +217,8 @@ class RedisCache(FeatureCache):
             pipe = self._redis().pipeline(transaction=False)
             for k in keys:
                 pipe.delete(CLAIM_PREFIX + k)
-            await asyncio.wait_for(pipe.execute(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await pipe.execute()
         except Exception as e:
             self._failed("release", e)
 

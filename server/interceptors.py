@@ -53,8 +53,15 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, authenticator: TokenAuthenticator | None = None):
         self.metrics = metrics
         self.authenticator = authenticator
+        # Full method name -> its wrapped handler. A method's handler is registered once and never
+        # changes, and nothing per call is baked into the wrapper, so it is built once per method
+        # rather than once per RPC (closures, a handler tuple, a continuation call each time).
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details):
+        wrapped = self._handlers.get(details.method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(details)
         if handler is None or not details.method.startswith(SERVICE_PREFIX):
             return handler
@@ -62,10 +69,13 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         kw = dict(request_deserializer=_lenient(handler.request_deserializer),
                   response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, handler.unary_unary), **kw)
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(self._wrap_stream(method, handler.stream_stream), **kw)
-        return handler
+            wrapped = grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, handler.unary_unary), **kw)
+        elif handler.stream_stream is not None:
+            wrapped = grpc.stream_stream_rpc_method_handler(self._wrap_stream(method, handler.stream_stream), **kw)
+        else:
+            return handler
+        self._handlers[details.method] = wrapped
+        return wrapped
 
     def _wrap_unary(self, method: str, inner):
         async def behavior(request, context: grpc.aio.ServicerContext):
