@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -134,6 +135,7 @@ class FeatureBankServer:
             name: ServedBackbone(info=info, batcher=self.batchers[name], pool=self.pools[name])
             for name, info in zip(self.pools, infos)
         })
+        gc.freeze()  # start-up's objects leave the GC's view: shorter collections, fewer pauses in the p99 tail
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         for info in infos:
