@@ -20,6 +20,8 @@ from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 DEFAULT_MAX_REQUEST_BYTES = 3 * 1024 * 1024
 DEFAULT_MAX_ITEMS_PER_REQUEST = 256
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Content keys per Lookup request: 32 bytes each, so 1,024 make a ~40 KB request.
+LOOKUP_CHUNK = 1024
 
 # gRPC's own retry machinery: UNAVAILABLE (a restarting or draining server) is retried with
 # exponential backoff; everything else is the caller's decision.
@@ -87,6 +89,51 @@ def _outcomes(response: pb.ExtractResponse, offset: int) -> list[ItemOutcome]:
             feats = tensors.from_proto(r.features)
         out.append(ItemOutcome(offset + j, r.key, r.cache_hit, feats, err))
     return out
+
+
+def _place(outcomes: list[ItemOutcome], positions: Sequence[int], out: list) -> None:
+    """Put the outcomes of a request carrying some of the inputs back at their input positions."""
+    for o, i in zip(outcomes, positions):
+        o.index = i
+        if o.error is not None:
+            o.error.index = i
+        out[i] = o
+
+
+def _lookup_plan(msgs: Sequence[pb.Input]) -> dict[str, list[int]]:
+    """Content key -> input positions, for every input that has one (duplicates looked up once).
+
+    An input without a key (no payload, an unknown tensor dtype) is left out: it goes to Extract,
+    which answers it with its own error, as without lookup-first.
+    """
+    from featurebank.client.keys import input_key
+
+    positions: dict[str, list[int]] = {}
+    for i, m in enumerate(msgs):
+        try:
+            key = input_key(m)
+        except ValueError:
+            continue
+        positions.setdefault(key, []).append(i)
+    return positions
+
+
+def _lookup_requests(positions: dict[str, list[int]], backbone: str, layer: str,
+                     output_dtype: int) -> Iterator[tuple[list[str], pb.LookupRequest]]:
+    keys = list(positions)
+    for start in range(0, len(keys), LOOKUP_CHUNK):
+        chunk = keys[start:start + LOOKUP_CHUNK]
+        yield chunk, pb.LookupRequest(backbone=backbone, layer=layer, keys=chunk, output_dtype=output_dtype)
+
+
+def _take_hits(keys: list[str], response: pb.ExtractResponse, positions: dict[str, list[int]], out: list) -> None:
+    """Fill ``out`` with the Lookup hits (NOT_FOUND and anything else is left for Extract)."""
+    for key, r in zip(keys, response.results):
+        if r.HasField("error"):
+            continue
+        features = tensors.from_proto(r.features)
+        for i in positions[key]:
+            out[i] = ItemOutcome(i, key, True, features, None)
 
 
 def _stack(outcomes: list[ItemOutcome]) -> np.ndarray:
@@ -163,7 +210,7 @@ class FeatureBank:
             raise FeatureBankError.from_rpc_error(e) from None
 
     def extract_items(self, inputs: Iterable, *, backbone: str = "", layer: str = "", output_dtype: int = pb.FLOAT32,
-                      cache_policy: int = pb.USE) -> list[ItemOutcome]:
+                      cache_policy: int = pb.USE, lookup_first: bool = True) -> list[ItemOutcome]:
         """Per-input outcomes (features or error), in input order; never raises for one bad item.
 
         Args:
@@ -172,17 +219,31 @@ class FeatureBank:
             backbone, layer: empty for the server's defaults.
             output_dtype: ``FLOAT32`` or ``FLOAT16``.
             cache_policy: ``USE``, ``BYPASS`` or ``REFRESH``.
+            lookup_first: with ``USE`` and a named ``backbone``, compute the content keys here,
+                ``Lookup`` them (1,024 per request) and send only the inputs not found to
+                ``Extract``: cached inputs never travel nor cost the server a hash. Hits come back
+                with ``cache_hit=True``. (Without a backbone name the server picks one by input
+                kind, which only ``Extract`` does: everything is sent.)
 
         Raises:
             FeatureBankError: the request as a whole failed (unknown backbone or layer, overload, ...).
         """
         msgs = [to_input(x) for x in inputs]
-        out: list[ItemOutcome] = []
-        for offset, chunk in _chunks(msgs, self.max_items_per_request, self.max_request_bytes):
+        out: list[ItemOutcome | None] = [None] * len(msgs)
+        if lookup_first and cache_policy == pb.USE and backbone and msgs:
+            positions = _lookup_plan(msgs)
+            for keys, request in _lookup_requests(positions, backbone, layer, output_dtype):
+                try:
+                    response = self._call(self._stub.Lookup, request)
+                except FeatureBankError:
+                    break  # e.g. an unknown backbone or layer: Extract reports it as it always did
+                _take_hits(keys, response, positions, out)
+        rest = [i for i, o in enumerate(out) if o is None]
+        for offset, chunk in _chunks([msgs[i] for i in rest], self.max_items_per_request, self.max_request_bytes):
             request = pb.ExtractRequest(backbone=backbone, layer=layer, inputs=chunk, output_dtype=output_dtype,
                                         cache_policy=cache_policy)
-            out.extend(_outcomes(self._call(self._stub.Extract, request), offset))
-        return out
+            _place(_outcomes(self._call(self._stub.Extract, request), 0), rest[offset:offset + len(chunk)], out)
+        return out  # type: ignore[return-value]
 
     def extract(self, inputs: Iterable, **kwargs) -> np.ndarray:
         """Features of every input as one (N, *shape) array.
@@ -204,8 +265,9 @@ class FeatureBank:
             one ItemOutcome per key, in order.
         """
         out: list[ItemOutcome] = []
-        for start in range(0, len(keys), 1024):
-            request = pb.LookupRequest(backbone=backbone, layer=layer, keys=keys[start:start + 1024], output_dtype=output_dtype)
+        for start in range(0, len(keys), LOOKUP_CHUNK):
+            request = pb.LookupRequest(backbone=backbone, layer=layer, keys=keys[start:start + LOOKUP_CHUNK],
+                                       output_dtype=output_dtype)
             out.extend(_outcomes(self._call(self._stub.Lookup, request), start))
         return out
 
@@ -461,15 +523,25 @@ class AsyncFeatureBank:
             raise FeatureBankError.from_rpc_error(e) from None
 
     async def extract_items(self, inputs: Iterable, *, backbone: str = "", layer: str = "",
-                            output_dtype: int = pb.FLOAT32, cache_policy: int = pb.USE) -> list[ItemOutcome]:
+                            output_dtype: int = pb.FLOAT32, cache_policy: int = pb.USE,
+                            lookup_first: bool = True) -> list[ItemOutcome]:
         """See FeatureBank.extract_items."""
         msgs = [to_input(x) for x in inputs]
-        out: list[ItemOutcome] = []
-        for offset, chunk in _chunks(msgs, self.max_items_per_request, self.max_request_bytes):
+        out: list[ItemOutcome | None] = [None] * len(msgs)
+        if lookup_first and cache_policy == pb.USE and backbone and msgs:
+            positions = _lookup_plan(msgs)
+            for keys, request in _lookup_requests(positions, backbone, layer, output_dtype):
+                try:
+                    response = await self._call(self._stub.Lookup, request)
+                except FeatureBankError:
+                    break  # e.g. an unknown backbone or layer: Extract reports it as it always did
+                _take_hits(keys, response, positions, out)
+        rest = [i for i, o in enumerate(out) if o is None]
+        for offset, chunk in _chunks([msgs[i] for i in rest], self.max_items_per_request, self.max_request_bytes):
             request = pb.ExtractRequest(backbone=backbone, layer=layer, inputs=chunk, output_dtype=output_dtype,
                                         cache_policy=cache_policy)
-            out.extend(_outcomes(await self._call(self._stub.Extract, request), offset))
-        return out
+            _place(_outcomes(await self._call(self._stub.Extract, request), 0), rest[offset:offset + len(chunk)], out)
+        return out  # type: ignore[return-value]
 
     async def extract(self, inputs: Iterable, **kwargs) -> np.ndarray:
         """See FeatureBank.extract."""
@@ -478,8 +550,9 @@ class AsyncFeatureBank:
     async def lookup(self, keys: Sequence[str], *, backbone: str, layer: str = "", output_dtype: int = pb.FLOAT32) -> list[ItemOutcome]:
         """See FeatureBank.lookup."""
         out: list[ItemOutcome] = []
-        for start in range(0, len(keys), 1024):
-            request = pb.LookupRequest(backbone=backbone, layer=layer, keys=keys[start:start + 1024], output_dtype=output_dtype)
+        for start in range(0, len(keys), LOOKUP_CHUNK):
+            request = pb.LookupRequest(backbone=backbone, layer=layer, keys=keys[start:start + LOOKUP_CHUNK],
+                                       output_dtype=output_dtype)
             out.extend(_outcomes(await self._call(self._stub.Lookup, request), start))
         return out
 

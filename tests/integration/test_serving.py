@@ -44,11 +44,14 @@ def test_health_serving_and_reflection_lists_the_service(server):
 
 
 def test_repeated_input_is_a_cache_hit_with_flag_and_metric(server, bank):
-    """The second request for the same input is answered from the cache, flagged and counted."""
+    """The second request for the same input is answered from the cache, flagged and counted.
+
+    (``lookup_first=False``: the inputs themselves go to Extract, whose cache path is tested here;
+    the SDK's default keys-first path is tested in test_lookup_first.py.)"""
     images = random_images(3, seed=101)
     hits_before = server.metric("featurebank_items_total", backbone="toy", result="hit")
     first = bank.extract_items(images, backbone="toy")
-    second = bank.extract_items(images, backbone="toy")
+    second = bank.extract_items(images, backbone="toy", lookup_first=False)
     assert [o.cache_hit for o in first] == [False] * 3
     assert [o.cache_hit for o in second] == [True] * 3
     np.testing.assert_array_equal(np.stack([o.features for o in first]), np.stack([o.features for o in second]))
