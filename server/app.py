@@ -80,7 +80,7 @@ class FeatureBankServer:
             self.pools[name] = WorkerPool(
                 name, options=options, num_workers=c.num_workers, batcher=batcher, metrics=self.metrics,
                 gpus=c.gpu_list, intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads,
-                warmup=c.warmup,
+                warmup=c.warmup, pipeline_depth=c.pipeline_depth,
             )
 
     async def start(self) -> None:

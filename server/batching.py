@@ -81,6 +81,11 @@ class DynamicBatcher:
         self._retry.extend(items)
         self._signal()
 
+    def requeue_front(self, items: list[PendingItem]) -> None:
+        """Put items that were not at fault back at the head of the queue, in their order."""
+        self._queue.extendleft(reversed(items))
+        self._signal()
+
     def _signal(self) -> None:
         self._nonempty.set()
         if len(self._queue) >= self.max_batch_size:

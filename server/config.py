@@ -9,6 +9,11 @@ from typing import Any
 
 from featurebank.workers.backbones.registry import DEFAULT_BACKBONES
 
+# Per-item cost of EfficientNet-Lite0 on a 2-core CPU is lowest at batch 8 (16.8 ms against 23.6
+# at batch 32, BENCHMARKS.md); GPUs keep gaining up to much larger batches.
+CPU_MAX_BATCH_SIZE = 8
+GPU_MAX_BATCH_SIZE = 32
+
 
 def _field(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
@@ -39,7 +44,9 @@ class ServerConfig:
     cache_ttl_seconds: int = _field(7 * 24 * 3600, "TTL of every cache entry")
     cache_dtype: str = _field("float32", "dtype features are stored in: float32, or float16 to halve memory")
     lru_max_bytes: int = _field(512 * 1024 * 1024, "byte budget of the in-process LRU cache (without Redis)")
-    max_batch_size: int = _field(32, "most items in one batch sent to a worker")
+    max_batch_size: int = _field(0, "most items in one batch sent to a worker; 0 = auto: 32 with --gpus, 8 on CPU "
+                                 "(where batch 8 is the cheapest per item: see BENCHMARKS.md)")
+    pipeline_depth: int = _field(2, "batches in flight per worker: the next is sent while one computes (1 = one at a time)")
     max_batch_delay_ms: float = _field(5.0, "longest an item waits for a batch to fill")
     max_queue_size: int = _field(2048, "items waiting for a worker before requests get RESOURCE_EXHAUSTED")
     max_items_per_request: int = _field(4096, "most inputs in one request")
@@ -63,6 +70,8 @@ class ServerConfig:
         if isinstance(self.backbone, str):
             self.backbone = [self.backbone]
         self.backbone = [b.strip() for spec in self.backbone for b in spec.split(",") if b.strip()]
+        if self.max_batch_size == 0:
+            self.max_batch_size = GPU_MAX_BATCH_SIZE if self.gpu_list else CPU_MAX_BATCH_SIZE
         checks = [
             ("port", 0 <= self.port <= 65535, "0..65535"),
             ("metrics_port", -1 <= self.metrics_port <= 65535, "-1..65535"),
@@ -75,6 +84,7 @@ class ServerConfig:
             ("cache_dtype", self.cache_dtype in ("float32", "float16"), "float32 or float16"),
             ("lru_max_bytes", self.lru_max_bytes >= 0, ">= 0"),
             ("max_batch_size", 1 <= self.max_batch_size <= 1024, "1..1024"),
+            ("pipeline_depth", 1 <= self.pipeline_depth <= 8, "1..8"),
             ("max_batch_delay_ms", 0 <= self.max_batch_delay_ms <= 10_000, "0..10000"),
             ("max_queue_size", self.max_queue_size >= self.max_batch_size, f">= max_batch_size ({self.max_batch_size})"),
             ("max_items_per_request", self.max_items_per_request >= 1, ">= 1"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import enum
 import itertools
@@ -71,7 +72,11 @@ class WorkerProcess:
         self.process: multiprocessing.process.BaseProcess | None = None
         self.conn: multiprocessing.connection.Connection | None = None
         self.ready: WorkerReady | None = None
-        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"worker-{setup.backbone}-{setup.worker_index}")
+        name = f"worker-{setup.backbone}-{setup.worker_index}"
+        # One thread writes batches and one reads results, so a batch can be on its way while the
+        # previous one computes; each is a single thread, so order is kept.
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.send_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-send")
 
     def spawn(self) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
@@ -96,16 +101,17 @@ class WorkerProcess:
         self.state = WorkerState.READY
         return msg
 
-    def roundtrip(self, batch: Batch) -> BatchResult:
-        """Send a batch and wait for its result; raises WorkerDied if the process exits meanwhile."""
+    def send(self, batch: Batch) -> None:
+        """Write one batch to the worker's pipe; raises WorkerDied if the process is gone."""
         self.state = WorkerState.BUSY
         try:
             self.conn.send(batch)
         except (BrokenPipeError, OSError, EOFError):
             raise WorkerDied(self._death())
-        msg = self._receive(None)
-        self.state = WorkerState.READY
-        return msg
+
+    def receive(self) -> BatchResult:
+        """Wait for the next result (results come back in the order batches were sent)."""
+        return self._receive(None)
 
     def _receive(self, timeout_s: float | None) -> Any:
         ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], timeout_s)
@@ -143,6 +149,7 @@ class WorkerProcess:
         if self.conn is not None:
             self.conn.close()
         self.thread.shutdown(wait=False)
+        self.send_thread.shutdown(wait=False)
 
 
 class WorkerPool:
@@ -166,6 +173,7 @@ class WorkerPool:
         inter_op_threads: int = 0,
         warmup: bool = True,
         start_timeout_s: float = 600.0,
+        pipeline_depth: int = 2,
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -173,6 +181,9 @@ class WorkerPool:
         self.batcher = batcher
         self.metrics = metrics
         self.start_timeout_s = start_timeout_s
+        if pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth must be >= 1, got {pipeline_depth}")
+        self.pipeline_depth = pipeline_depth
         self.workers = [
             WorkerProcess(WorkerSetup(
                 backbone=backbone, options=options, worker_index=i,
@@ -215,23 +226,81 @@ class WorkerPool:
         self.metrics.workers_ready.labels(self.backbone).set(self.ready_count)
 
     async def _feed(self, w: WorkerProcess) -> None:
+        """Keep up to ``pipeline_depth`` batches in flight on one worker.
+
+        With two in flight the next batch is formed, pickled and written to the pipe while the
+        worker computes the current one, so the worker never waits for the frontend between
+        batches (and TensorFlow's thread pool stays warm). The worker answers in order, so the
+        oldest batch in flight is the one it was computing when it died: only that batch's items
+        are counted as having crashed it; the others go back to the queue unblamed.
+        """
         loop = asyncio.get_running_loop()
-        while not self._closing:
-            items = await self.batcher.wait_for_batch()
-            now = loop.time()
-            for it in items:
-                self.metrics.queue_delay.labels(self.backbone).observe(now - it.enqueued_at)
-            self.metrics.batch_size.labels(self.backbone).observe(len(items))
-            batch = Batch(next(self._batch_ids), [it.payload for it in items], [it.layer for it in items])
+        inflight: collections.deque[tuple[list[PendingItem], asyncio.Future]] = collections.deque()
+        next_batch: asyncio.Task | None = None
+        try:
+            while not self._closing:
+                if next_batch is None and len(inflight) < self.pipeline_depth:
+                    next_batch = asyncio.ensure_future(self.batcher.wait_for_batch())
+                waits = [f for f in (next_batch, inflight[0][1] if inflight else None) if f is not None]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if next_batch is not None and next_batch.done():
+                    items, next_batch = next_batch.result(), None
+                    inflight.append((items, self._send(w, items)))
+                    continue
+                items, received = inflight.popleft()
+                try:
+                    result = received.result()
+                except WorkerDied as e:
+                    self._on_death(w, items, str(e))
+                    await self._drain_dead(inflight)
+                    await self._restart(w)
+                    continue
+                if not inflight:
+                    w.state = WorkerState.READY
+                self._resolve(items, result)
+                self.metrics.inference_duration.labels(self.backbone).observe(result.inference_seconds)
+                self.metrics.traces.labels(self.backbone, str(w.setup.worker_index)).set(result.trace_count)
+        finally:
+            if next_batch is not None:
+                next_batch.cancel()
+            for _, received in inflight:  # closing: the worker is being stopped under them
+                received.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _send(self, w: WorkerProcess, items: list[PendingItem]) -> asyncio.Future:
+        """Write a batch to the worker (in its send thread); the future is its result."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for it in items:
+            self.metrics.queue_delay.labels(self.backbone).observe(now - it.enqueued_at)
+        self.metrics.batch_size.labels(self.backbone).observe(len(items))
+        batch = Batch(next(self._batch_ids), [it.payload for it in items], [it.layer for it in items])
+        sent = loop.run_in_executor(w.send_thread, w.send, batch)
+        received = loop.run_in_executor(w.thread, w.receive)
+
+        async def result() -> BatchResult:
             try:
-                result = await loop.run_in_executor(w.thread, w.roundtrip, batch)
-            except WorkerDied as e:
-                self._on_death(w, items, str(e))
-                await self._restart(w)
+                await sent
+            finally:
+                msg = await received  # raises WorkerDied when the process exits
+            return msg
+
+        return asyncio.ensure_future(result())
+
+    async def _drain_dead(self, inflight: collections.deque) -> None:
+        """After a worker died: batches behind the one it was computing go back to the queue."""
+        retry = []
+        while inflight:
+            items, received = inflight.popleft()
+            try:
+                result = await received
+            except WorkerDied:
+                pass
+            else:  # the worker answered this one before it died: keep the answer
+                self._resolve(items, result)
                 continue
-            self._resolve(items, result)
-            self.metrics.inference_duration.labels(self.backbone).observe(result.inference_seconds)
-            self.metrics.traces.labels(self.backbone, str(w.setup.worker_index)).set(result.trace_count)
+            retry.extend(it for it in items if not it.future.done())
+        if retry:
+            self.batcher.requeue_front(retry)
 
     def _resolve(self, items: list[PendingItem], result: BatchResult) -> None:
         for item, feats, err in zip(items, result.features, result.errors):

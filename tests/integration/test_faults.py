@@ -115,6 +115,20 @@ def test_an_input_that_kills_workers_fails_alone(start_server):
     assert server.metric("featurebank_worker_restarts_total") == 2
 
 
+def test_only_the_batch_being_computed_is_blamed_for_a_crash(start_server):
+    """Two batches in flight: a crash blames the one the worker was computing, not the one queued
+    behind it, so innocent items never run out of tries while a poisonous one is isolated."""
+    server = start_server("--backbone", FAULTY, "--max-batch-size", "2", "--pipeline-depth", "2",
+                          "--max-batch-delay-ms", "20", env={"FB_TEST_FORWARD_DELAY_MS": "200"})
+    good = random_images(7, seed=31)
+    with FeatureBank(server.target, timeout_s=180) as bank:
+        outcomes = bank.extract_items([KILL_MARKER + b"poison", *good], backbone=FAULTY)
+    assert outcomes[0].error.code == grpc.StatusCode.INTERNAL
+    assert [o.error for o in outcomes[1:]] == [None] * 7
+    assert all(o.features.shape == (16,) for o in outcomes[1:])
+    assert server.metric("featurebank_worker_restarts_total") == 2
+
+
 def test_full_queue_answers_resource_exhausted(start_server):
     """Beyond max_queue_size, requests fail fast with RESOURCE_EXHAUSTED; the server keeps serving."""
     server = start_server("--backbone", FAULTY, "--max-batch-size", "2", "--max-queue-size", "4",
@@ -258,12 +272,18 @@ def test_overload_is_refused_fast_memory_stays_bounded_and_throughput_recovers(s
         assert time.perf_counter() - t0 < 5
 
 
-def test_cancelled_requests_are_not_computed_and_do_not_delay_others(start_server):
-    """Queued items of cancelled RPCs never reach a worker; a request behind them is not slowed by them."""
+@pytest.mark.parametrize("depth", [1, 2])
+def test_cancelled_requests_are_not_computed_and_do_not_delay_others(start_server, depth):
+    """Queued items of cancelled RPCs never reach a worker; a request behind them is not slowed by them.
+
+    With two batches in flight, one batch (here one item) is already in the worker's pipe when the
+    cancellations arrive and is computed anyway; everything still queued is dropped.
+    """
     from featurebank.v1 import featurebank_pb2 as pb
     from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 
-    server = start_server("--backbone", FAULTY, "--max-batch-size", "1", env={"FB_TEST_FORWARD_DELAY_MS": "400"})
+    server = start_server("--backbone", FAULTY, "--max-batch-size", "1", "--pipeline-depth", str(depth),
+                          env={"FB_TEST_FORWARD_DELAY_MS": "400"})
     images = random_images(8, seed=90)
     with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.FeatureBankStub(ch)
@@ -271,13 +291,16 @@ def test_cancelled_requests_are_not_computed_and_do_not_delay_others(start_serve
         wait_until(lambda: server.metric("featurebank_batch_size_count") >= 1, 20, "the first batch to start")
         cancelled = [stub.Extract.future(pb.ExtractRequest(backbone=FAULTY, inputs=[pb.Input(image=img)]), timeout=30)
                      for img in images[1:6]]
-        time.sleep(0.05)  # let them reach the queue
+        wait_until(lambda: server.metric("featurebank_queue_depth") >= 5 - (depth - 1), 10, "the items to queue")
         for f in cancelled:
             f.cancel()
         t0 = time.perf_counter()
         last = stub.Extract(pb.ExtractRequest(backbone=FAULTY, inputs=[pb.Input(image=images[7])]), timeout=30)
         waited = time.perf_counter() - t0
         assert busy.result().results[0].HasField("features") and last.results[0].HasField("features")
-    wait_until(lambda: server.metric("featurebank_dropped_items_total", reason="cancelled") >= 5, 10, "drops counted")
-    assert server.metric("featurebank_batch_size_count") == 2  # the busy one and the last one only
-    assert waited < 5 * 0.4  # not behind five 400 ms batches
+    ahead = depth - 1  # batches already sent to the worker when the RPCs were cancelled
+    wait_until(lambda: server.metric("featurebank_dropped_items_total", reason="cancelled") >= 5 - ahead, 10,
+               "drops counted")
+    assert server.metric("featurebank_dropped_items_total", reason="cancelled") == 5 - ahead
+    assert server.metric("featurebank_batch_size_count") == 2 + ahead  # the busy one, those sent ahead, the last
+    assert waited < (2 + ahead) * 0.4 + 0.8  # not behind five more 400 ms batches (>= 2.4 s)

@@ -331,3 +331,18 @@ def test_split_into_buckets_covers_every_item_and_pads_at_most_a_quarter():
         assert sum(size for size, _ in pieces) == n
         for size, b in pieces:
             assert b in buckets and size <= b and (b - size) <= b // 4
+
+
+async def test_requeue_front_puts_unblamed_items_back_first_in_their_order_and_batched():
+    """Items of a batch queued behind a crash come back at the head, in order, still batched together."""
+    b = DynamicBatcher(max_batch_size=3, max_batch_delay_ms=0, max_queue_size=3)
+    for p in ("a", "b", "c"):
+        b.submit(pending(p))
+    behind = await next_batch(b)
+    b.submit(pending("d"))
+    b.submit(pending("e"))
+    b.submit(pending("f"))
+    b.requeue_front(behind)  # already admitted: never refused, even over the bound
+    assert len(b) == 6
+    assert payloads(await next_batch(b)) == ["a", "b", "c"]
+    assert payloads(await next_batch(b)) == ["d", "e", "f"]

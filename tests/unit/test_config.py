@@ -54,11 +54,13 @@ def test_default_lists_are_not_shared():
         ("cache_dtype", "float64"),
         ("cache_dtype", "bfloat16"),
         ("lru_max_bytes", -1),
-        ("max_batch_size", 0),
+        ("max_batch_size", -1),
         ("max_batch_size", 1025),
+        ("pipeline_depth", 0),
+        ("pipeline_depth", 9),
         ("max_batch_delay_ms", -0.5),
         ("max_batch_delay_ms", 10_001.0),
-        ("max_queue_size", 31),  # below the default max_batch_size of 32
+        ("max_queue_size", 7),  # below the CPU default max_batch_size of 8
         ("max_items_per_request", 0),
         ("max_message_bytes", (1 << 20) - 1),
         ("max_message_bytes", 2**31),
@@ -176,8 +178,16 @@ def test_unparseable_env_value_names_the_variable():
 
 def test_invalid_env_value_is_validated_like_a_flag():
     """An env var that parses but is out of range fails validation naming the field."""
-    with pytest.raises(ValueError, match="invalid max_batch_size=0"):
-        parse([], {"FEATUREBANK_MAX_BATCH_SIZE": "0"})
+    with pytest.raises(ValueError, match="invalid max_batch_size=-3"):
+        parse([], {"FEATUREBANK_MAX_BATCH_SIZE": "-3"})
+
+
+def test_max_batch_size_defaults_to_the_device():
+    """Unset (0), the batch size is 8 on CPU and 32 with GPUs; an explicit value always wins."""
+    assert parse([], {}).max_batch_size == 8
+    assert parse(["--gpus", "0,1"], {}).max_batch_size == 32
+    assert parse(["--gpus", "0", "--max-batch-size", "64"], {}).max_batch_size == 64
+    assert parse(["--max-batch-size", "32"], {}).max_batch_size == 32
 
 
 def test_backbone_specs_from_repeated_and_comma_separated_flags():
