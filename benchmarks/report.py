@@ -57,14 +57,15 @@ def ratios(results: dict) -> list[dict]:
     ph = results["phases"]
     rate = lambda name: _get(ph, name, "items_per_s")  # noqa: E731
     out = []
+    sb = _get(results, "config", "server_batch", default=32)
     value, note = _paired(results, "3a/L")
-    out.append(_target("misses 3a (16 clients x 1 item) / L (in-process decode+preprocess+infer, batch 32)",
+    out.append(_target(f"misses 3a (16 clients x 1 item) / L (in-process decode+preprocess+infer, batch {sb})",
                        value, 0.90, ">=", note=note))
     value, note = _paired(results, "3a/naive")
     out.append(_target("misses 3a / naive server (16 clients x 1 item)", value, 1.10, ">=", note=note))
     value, note = _paired(results, "3b/L")
     out.append(_target("misses 3b (batch-32 requests, 1 client) / L", value, 0.95, ">=", note=note))
-    L = _get(results, "limits", "primary", "L_b32", "items_per_s")
+    L = _get(results, "limits", "primary", f"L_b{sb}", "items_per_s")
     b2 = rate("miss_3b_b32_c2")
     out.append(_target("misses 3b' (batch-32 requests, 2 clients) / L (mean of rounds)", b2 / L if b2 and L else None,
                        0.95, ">=", note="same target with a second request queued; L from other minutes"))
@@ -140,7 +141,7 @@ def limits_table(results: dict) -> str:
     header = ("in-process", "backbone", "runs", "items/s", "call p50 ms", "per-item p50 ms", "cores", "other cores")
     rows = []
     for which, r in results["limits"].items():
-        for key in ("L0_b32", "L_b32", "L0_b1", "L_b1", "L0_b4", "L0_b8", "L0_b16", "preprocess"):
+        for key in ("L0_b32", "L_b32", "L0_b8", "L_b8", "L0_b1", "L_b1", "L0_b4", "L0_b16", "preprocess"):
             m = r.get(key)
             if m:
                 rows.append((f"{key} ({which})", r["backbone"], m.get("n_runs", 1), _fmt(m["items_per_s"]),

@@ -74,6 +74,19 @@ class Plan:
                    batch_curve=False)
 
 
+def server_batch_size(server_args: list[str]) -> int:
+    """The featurebank server's max batch size under these extra flags (its CPU default otherwise)."""
+    from featurebank.server.config import CPU_MAX_BATCH_SIZE
+
+    size = CPU_MAX_BATCH_SIZE
+    for i, arg in enumerate(server_args):
+        if arg.startswith("--max-batch-size="):
+            size = int(arg.split("=", 1)[1])
+        elif arg == "--max-batch-size" and i + 1 < len(server_args):
+            size = int(server_args[i + 1])
+    return size
+
+
 class Benchmark:
     """One benchmark run: the processes it started, the phases in order, and the results dict."""
 
@@ -85,6 +98,8 @@ class Benchmark:
         if args.rounds:
             self.plan.rounds = args.rounds
         self.backbone = args.backbone
+        # L is measured at the server's batch size (the issue's definition), read from the flags.
+        self.server_batch = server_batch_size(args.server_arg)
         # --quick skips the other backbone (its warm-up alone costs a minute on 2 cores).
         skip_secondary = args.no_secondary or (args.quick and not args.secondary) or args.only is not None
         self.secondary = None if skip_secondary else next(b for b in KINDS if b != self.backbone)
@@ -98,7 +113,7 @@ class Benchmark:
             "config": {"backbone": self.backbone, "secondary": self.secondary, "quick": args.quick,
                        "plan": dataclasses.asdict(self.plan), "naive_threads": args.naive_threads,
                        "zipf_exponent": args.zipf_s, "out_dir": str(self.out_dir), "only": args.only,
-                       "server_args": args.server_arg,
+                       "server_args": args.server_arg, "server_batch": self.server_batch,
                        "started": datetime.datetime.now().isoformat(timespec="seconds")},
             "machine": procs.machine_info(),
             "limits": {},
@@ -127,7 +142,7 @@ class Benchmark:
 
     def start_limits(self, backbone: str, which: str) -> None:
         spec = {"backbone": backbone, "kind": KINDS[backbone], "tag": TAG_POOL, "pool": min(self.plan.pool, 256),
-                "batch_sizes": (1, 4, 8, 16, 32) if self.plan.batch_curve and which == "primary" else (1, 32)}
+                "batch_sizes": sorted({1, 32, self.server_batch, *((4, 8, 16) if self.plan.batch_curve and which == "primary" else ())})}
         log = open(self.workdir / f"limits-{which}.log", "wb")
         p = subprocess.Popen([PYTHON, "-m", "benchmarks.inprocess", str(self.runner.spec_path(f"limits-{which}", spec))],
                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=REPO_DIR, text=True,
@@ -237,7 +252,9 @@ class Benchmark:
         plan, bb = self.plan, self.backbone
         self.paired_rounds()
         curve = ("L0_b4", "L0_b8", "L0_b16") if plan.batch_curve else ()
-        for what in ("L0_b32", "L0_b1", "L_b1", "preprocess", *curve):
+        others = [f"L_b{n}" for n in (32,) if n != self.server_batch]
+        curve = tuple(c for c in curve if c != f"L0_b{self.server_batch}")
+        for what in (f"L0_b{self.server_batch}", "L0_b32", "L0_b1", *others, "L_b1", "preprocess", *curve):
             self.limit("primary", what, plan.limit_extra_s)
         if self.secondary:
             for what in ("L_b32", "L_b1"):
@@ -336,14 +353,14 @@ class Benchmark:
             self.warn(f"processes of this run use CPU while idle: {busy}")
 
     def paired_rounds(self) -> None:
-        """L (in-process, batch 32), 3a, naive and 3b in interleaved rounds; ratios per round."""
+        """L (in-process, the server's batch size), 3a, naive and 3b in interleaved rounds; ratios per round."""
         plan, bb = self.plan, self.backbone
         main, naive = self.servers["featurebank"], self.servers["naive"]
         d = plan.round_phase_s
         paired = self.results["paired"]
         for r in range(plan.rounds):
             self.log("round %d of %d", r + 1, plan.rounds)
-            lim = self.limit("primary", "L_b32", d)
+            lim = self.limit("primary", f"L_b{self.server_batch}", d)
             a = self.phase("miss_3a_16x1", main, backbone=bb, concurrency=16, items_per_request=1, cache_policy="BYPASS",
                            duration_s=d, description="3a: 16 concurrent clients x 1 item, all misses")
             n = self.phase("naive_16x1", naive, backbone=bb, concurrency=16, items_per_request=1, cache_policy="BYPASS",
