@@ -22,6 +22,11 @@ DEFAULT_MAX_ITEMS_PER_REQUEST = 256
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Content keys per Lookup request: 32 bytes each, so 1,024 make a ~40 KB request.
 LOOKUP_CHUNK = 1024
+# A Lookup refused for these reasons (unknown backbone or layer, a server without Lookup) falls
+# back to Extract, which then reports the problem per request as it always did; any other
+# failure (overload, deadline, auth) is raised at once instead of costing a second call.
+_LOOKUP_FALLBACK_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                                    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED})
 
 # gRPC's own retry machinery: UNAVAILABLE (a restarting or draining server) is retried with
 # exponential backoff; everything else is the caller's decision.
@@ -235,7 +240,9 @@ class FeatureBank:
             for keys, request in _lookup_requests(positions, backbone, layer, output_dtype):
                 try:
                     response = self._call(self._stub.Lookup, request)
-                except FeatureBankError:
+                except FeatureBankError as e:
+                    if e.code not in _LOOKUP_FALLBACK_CODES:
+                        raise  # overload, deadline, auth: Extract would fail the same way
                     break  # e.g. an unknown backbone or layer: Extract reports it as it always did
                 _take_hits(keys, response, positions, out)
         rest = [i for i, o in enumerate(out) if o is None]
@@ -533,7 +540,9 @@ class AsyncFeatureBank:
             for keys, request in _lookup_requests(positions, backbone, layer, output_dtype):
                 try:
                     response = await self._call(self._stub.Lookup, request)
-                except FeatureBankError:
+                except FeatureBankError as e:
+                    if e.code not in _LOOKUP_FALLBACK_CODES:
+                        raise
                     break  # e.g. an unknown backbone or layer: Extract reports it as it always did
                 _take_hits(keys, response, positions, out)
         rest = [i for i, o in enumerate(out) if o is None]

@@ -22,6 +22,12 @@ class Metrics:
             "featurebank_items", "Input items answered, by result: hit, miss (computed) or error.",
             ["backbone", "layer", "result"], registry=r,
         )
+        # Lookup's hits are counted in featurebank_items_total (an item answered from the cache);
+        # its misses are not: the client then sends those inputs to Extract, which counts them.
+        self.lookup_not_found = Counter(
+            "featurebank_lookup_not_found", "Content keys Lookup did not find (the client sends those inputs to Extract).",
+            ["backbone", "layer"], registry=r,
+        )
         self.request_duration = Histogram(
             "featurebank_request_duration_seconds", "RPC latency as seen by the server.", ["method"],
             buckets=LATENCY_BUCKETS_S, registry=r,

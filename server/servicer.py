@@ -498,6 +498,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                        f"{request.keys[i][:64]!r} is not a content key (32 lowercase hex characters)")
         values = await self.cache.get_many(self._cache_keys(served, layer, [request.keys[i] for i in valid]))
         want = _OUTPUT_TENSOR_DTYPES[request.output_dtype]
+        hits = 0
         for i, value in zip(valid, values):
             try:
                 if value is None:
@@ -506,8 +507,13 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 # which counts it, recomputes it and rewrites it.
                 _cached_to_proto(value, codec.check(value), want, out_dtype, results[i].features)
                 results[i].cache_hit = True
+                hits += 1
             except codec.CorruptValueError:
                 _set_error(results[i], grpc.StatusCode.NOT_FOUND, "not in the cache: send the input to Extract")
+        if hits:
+            self.metrics.items.labels(served.info.name, layer, "hit").inc(hits)
+        if len(valid) > hits:
+            self.metrics.lookup_not_found.labels(served.info.name, layer).inc(len(valid) - hits)
         return response
 
     # ----------------------------------------------------------------------------- heads

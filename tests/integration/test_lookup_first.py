@@ -1,8 +1,8 @@
 """SDK keys-first: extract_items looks content keys up first and sends only the misses to Extract.
 
 Real server process, real Redis-protocol server, toy backbone. The server's per-method request
-counter (``featurebank_requests_total{method}``) and Extract's per-item counter
-(``featurebank_items_total``, counted by Extract only) show what actually travelled.
+counter (``featurebank_requests_total{method}``), the per-item counter (``featurebank_items_total``:
+Extract's items, and the keys Lookup found) and Lookup's not-found counter show what travelled.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class Traffic:
                 "items": m("featurebank_items_total", backbone="toy"),
                 "hit": m("featurebank_items_total", backbone="toy", result="hit"),
                 "miss": m("featurebank_items_total", backbone="toy", result="miss"),
-                "error": m("featurebank_items_total", backbone="toy", result="error")}
+                "error": m("featurebank_items_total", backbone="toy", result="error"),
+                "not_found": m("featurebank_lookup_not_found_total", backbone="toy")}
 
     def since(self) -> dict[str, float]:
         now = self._read()
@@ -65,7 +66,7 @@ def test_second_extract_is_all_hits_and_sends_no_inputs(server, bank):
     assert [o.index for o in second] == list(range(5))
     assert [o.key for o in second] == [o.key for o in first]
     np.testing.assert_array_equal(np.stack([o.features for o in second]), np.stack([o.features for o in first]))
-    assert traffic.since() == {"Extract": 0, "Lookup": 1, "items": 0, "hit": 0, "miss": 0, "error": 0}
+    assert traffic.since() == {"Extract": 0, "Lookup": 1, "items": 5, "hit": 5, "miss": 0, "error": 0, "not_found": 0}
     np.testing.assert_array_equal(bank.extract(images, backbone="toy"), np.stack([o.features for o in first]))
 
 
@@ -85,8 +86,9 @@ def test_only_misses_and_bad_inputs_go_to_extract_in_input_order(server, bank):
     assert all(outcomes[i].error is None for i in (0, 1, 3, 5, 6, 7, 8))
     np.testing.assert_array_equal(outcomes[0].features, outcomes[7].features)
     np.testing.assert_array_equal(outcomes[1].features, outcomes[8].features)
-    # Extract saw only new[0] (twice), b"junk", the empty input and new[1]: five items, no hits.
-    assert traffic.since() == {"Extract": 1, "Lookup": 1, "items": 5, "hit": 0, "miss": 3, "error": 2}
+    # Lookup found the 3 distinct cached keys and not new[0], new[1], b"junk" (the empty input has
+    # no key); Extract saw only new[0] (twice), b"junk", the empty input and new[1].
+    assert traffic.since() == {"Extract": 1, "Lookup": 1, "items": 8, "hit": 3, "miss": 3, "error": 2, "not_found": 3}
     np.testing.assert_array_equal(np.stack([o.features for o in outcomes if o.cache_hit]),
                                   bank.extract([cached[0], cached[1], cached[2], cached[0]], backbone="toy",
                                                lookup_first=False))
@@ -98,7 +100,7 @@ def test_lookup_first_false_sends_everything(server, bank):
     bank.extract(images, backbone="toy")
     traffic = Traffic(server)
     assert all(o.cache_hit for o in bank.extract_items(images, backbone="toy", lookup_first=False))
-    assert traffic.since() == {"Extract": 1, "Lookup": 0, "items": 3, "hit": 3, "miss": 0, "error": 0}
+    assert traffic.since() == {"Extract": 1, "Lookup": 0, "items": 3, "hit": 3, "miss": 0, "error": 0, "not_found": 0}
 
 
 def test_other_policies_defaults_and_dtypes(server, bank):
@@ -152,4 +154,4 @@ def test_async_client_looks_up_first_too(server):
     assert [o.index for o in mixed] == [0, 1, 2, 3, 4] and mixed[2].error.index == 2
     np.testing.assert_array_equal(mixed[1].features, first[0].features)
     np.testing.assert_array_equal(mixed[3].features, first[1].features)
-    assert since == {"Extract": 1, "Lookup": 1, "items": 3, "hit": 0, "miss": 2, "error": 1}
+    assert since == {"Extract": 1, "Lookup": 1, "items": 5, "hit": 2, "miss": 2, "error": 1, "not_found": 3}
