@@ -22,6 +22,7 @@ import time
 import grpc
 import numpy as np
 
+from featurebank.client.errors import FeatureBankError
 from featurebank.v1 import featurebank_pb2 as pb
 
 def _varint(n: int) -> bytes:
@@ -55,8 +56,17 @@ class RequestFactory:
             self.header = pb.ExtractRequest(backbone=spec["backbone"], layer=spec.get("layer", ""), output_dtype=dtype,
                                             cache_policy=policy).SerializeToString()
         self._framed: dict[int, bytes] = {}
+        self._raw: dict[int, object] = {}
         self._requests: dict[tuple, bytes] = {}
         self.memo_requests = spec.get("memo_requests", True)
+
+    def raw(self, index: int):
+        """The input itself (image bytes or text), for the SDK mode."""
+        x = self._raw.get(index)
+        if x is None:
+            (x,) = self.maker.make_indices(self.tag, [index])
+            self._raw[index] = x
+        return x
 
     def framed(self, index: int) -> bytes:
         f = self._framed.get(index)
@@ -104,7 +114,11 @@ class Selector:
         """Build inputs ahead of the timed window where that is cheap (cycle mode: the whole pool)."""
         if self.mode == "cycle":
             for k in range(min(max_requests, -(-self.pool // (self.n * self.num_shards)) + 1)):
-                factory.request(self.indices(k))
+                if factory.method == "SDK":
+                    for i in self.indices(k):
+                        factory.raw(i)
+                else:
+                    factory.request(self.indices(k))
 
 
 async def run(spec: dict, shard: int, num_shards: int, t0: float) -> dict:
@@ -116,8 +130,26 @@ async def run(spec: dict, shard: int, num_shards: int, t0: float) -> dict:
     record_timeline = spec.get("timeline", False)
     channel = grpc.aio.insecure_channel(spec["target"], options=[
         ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
-    call = channel.unary_unary(f"/featurebank.v1.FeatureBank/{factory.method}")  # bytes in, bytes out
     await channel.channel_ready()
+    if factory.method == "SDK":
+        # What a service using the SDK does: content keys hashed here, one Lookup, Extract for
+        # the inputs not found (cache_policy USE), outcomes as objects. Nothing is pre-framed.
+        from featurebank.client import AsyncFeatureBank
+
+        bank = AsyncFeatureBank(spec["target"], timeout_s=timeout_s)
+        policy = getattr(pb, spec.get("cache_policy", "USE"))
+
+        async def call(indices, timeout):
+            outcomes = await bank.extract_items([factory.raw(i) for i in indices], backbone=spec["backbone"],
+                                                layer=spec.get("layer", ""), cache_policy=policy)
+            return len(outcomes), sum(o.cache_hit for o in outcomes), sum(o.error is not None for o in outcomes)
+    else:
+        raw_call = channel.unary_unary(f"/featurebank.v1.FeatureBank/{factory.method}")  # bytes in, bytes out
+
+        async def call(indices, timeout):
+            response = pb.ExtractResponse.FromString(await raw_call(factory.request(indices), timeout=timeout))
+            n = len(response.results)
+            return n, sum(r.cache_hit for r in response.results), sum(r.HasField("error") for r in response.results)
     selector.prepare(factory, 4096)
     print("ready", flush=True)
     t0 = float(sys.stdin.readline()) if t0 <= 0 else t0
@@ -146,12 +178,13 @@ async def run(spec: dict, shard: int, num_shards: int, t0: float) -> dict:
             k = issued["total"]
             issued["total"] = k + 1
             idx = selector.indices(k)
-            request = factory.request(idx)
             try:
-                raw = await call(request, timeout=timeout_s)
+                n, hits, item_errors = await call(idx, timeout=timeout_s)
                 code = None
             except grpc.aio.AioRpcError as e:
-                raw, code = None, e.code().name
+                code = e.code().name
+            except FeatureBankError as e:
+                code = e.code.name
             done = time.perf_counter()
             if done <= t_measure:
                 continue
@@ -162,10 +195,6 @@ async def run(spec: dict, shard: int, num_shards: int, t0: float) -> dict:
                 errors[code] += 1
                 totals["failed_requests"] += share
                 continue
-            response = pb.ExtractResponse.FromString(raw)
-            n = len(response.results)
-            hits = sum(r.cache_hit for r in response.results)
-            item_errors = sum(r.HasField("error") for r in response.results)
             totals["requests"] += share
             totals["items"] += n * share
             totals["hits"] += hits * share
@@ -177,6 +206,8 @@ async def run(spec: dict, shard: int, num_shards: int, t0: float) -> dict:
 
     await asyncio.gather(mark_cpu(), *(client() for _ in range(concurrency)))
     await channel.close()
+    if factory.method == "SDK":
+        await bank.close()
     return {
         "shard": shard,
         "window_s": duration_s,

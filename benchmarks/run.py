@@ -284,6 +284,11 @@ class Benchmark:
                    client_procs=2, description="4 (Lookup): 16 clients x 1 content key, all hits")
         self.phase("lookup_b64_c4", main, **hit, concurrency=4, items_per_request=64, method="Lookup",
                    description="4 (Lookup): 4 clients x 64 content keys, all hits")
+        # What an SDK user gets: extract_items hashes locally and sends keys first (images only for misses).
+        for c, n in ((16, 1), (4, 64), (8, 64)):
+            self.phase(f"sdk_{'single' if n == 1 else 'b64'}_c{c}", main, **hit, concurrency=c, items_per_request=n,
+                       method="SDK", client_procs=2 if c >= 8 else 1,
+                       description=f"4 (SDK extract_items, keys first): {c} clients x {n} images, all hits")
         # The floor: a grpc.aio server that only parses requests and returns canned features.
         floor = self.servers["floor"]
         for c in (1, 16):

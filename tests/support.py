@@ -89,7 +89,11 @@ class RedisProcess:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:  # never leave a server behind for the next test
+                self.proc.kill()
+                self.proc.wait(10)
         self.proc = None
 
 
