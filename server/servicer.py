@@ -43,9 +43,12 @@ _OUTPUT_TENSOR_DTYPES = {pb.DTYPE_UNSPECIFIED: pb.FLOAT32, pb.FLOAT32: pb.FLOAT3
 _STORED_TENSOR_DTYPES = {code: tensors.NUMPY_TO_DTYPE[name] for code, name in codec.DTYPE_NAMES.items()}
 # Which Input payloads each backbone input kind accepts (an image backbone takes raw pixel tensors).
 _ACCEPTS = {"image": ("image", "tensor"), "text": ("text",), "tensor": ("tensor",)}
-# Inputs larger than this are hashed in a thread, beside the event loop (hashlib releases the GIL
-# above 2 KiB; a 100 KB image is ~0.13 ms of BLAKE2b); smaller ones cost less than the hand-off.
-HASH_OFFLOAD_BYTES = 64 * 1024
+# A request carrying more than this much input is hashed in threads, beside the event loop
+# (hashlib releases the GIL above 2 KiB; a 100 KB image is ~0.13 ms of BLAKE2b). Below it, the
+# hand-off and the extra loop wake-ups cost more than hashing inline: single-image requests
+# hashed in a thread ran ~25 % fewer hits/s in the benchmark.
+HASH_OFFLOAD_BYTES = 64 * 1024  # inputs this large go to the threads...
+HASH_OFFLOAD_REQUEST_BYTES = 1024 * 1024  # ...when the request's large inputs add up to this
 HASH_THREADS = min(4, os.cpu_count() or 1)
 
 
@@ -193,14 +196,15 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         return content_keys.tensor_key, (tensors.DTYPE_NAMES[t.dtype], tuple(t.shape), t.data)
 
     async def _content_keys(self, jobs: list) -> list[str]:
-        """Run key jobs: small inputs inline, large ones in the hashing threads (in a few groups,
-        so a batch of images costs the event loop a few wake-ups, not one per image)."""
+        """Run key jobs: inline, or for a request with over 1 MiB of large inputs, those in the
+        hashing threads (in a few groups: a few event-loop wake-ups, not one per image)."""
         out: list[str | None] = [None] * len(jobs)
-        big = []
+        big = [j for j, (_, args) in enumerate(jobs) if len(args[-1]) > HASH_OFFLOAD_BYTES]
+        if sum(len(jobs[j][1][-1]) for j in big) < HASH_OFFLOAD_REQUEST_BYTES:
+            big = []
+        offloaded = set(big)
         for j, (hash_key, args) in enumerate(jobs):
-            if len(args[-1]) > HASH_OFFLOAD_BYTES:
-                big.append(j)
-            else:
+            if j not in offloaded:
                 out[j] = hash_key(*args)
         if big:
             if self._hasher is None:

@@ -21,7 +21,7 @@ from featurebank.server.batching import DynamicBatcher
 from featurebank.server.cache import LRUCache
 from featurebank.server.metrics import Metrics
 from featurebank.server.servicer import (
-    _OUTPUT_DTYPES, _OUTPUT_TENSOR_DTYPES, HASH_OFFLOAD_BYTES, FeatureBankServicer, ServedBackbone, _cached_to_proto,
+    _OUTPUT_DTYPES, _OUTPUT_TENSOR_DTYPES, HASH_OFFLOAD_BYTES, HASH_OFFLOAD_REQUEST_BYTES, FeatureBankServicer, ServedBackbone, _cached_to_proto,
 )
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.workers.backbones.base import BackboneInfo, LayerSpec
@@ -115,7 +115,7 @@ def test_large_inputs_hashed_in_threads_get_the_same_keys_and_hits():
     and duplicated, get the documented content keys, in input order, and hit their entries."""
     servicer, served = _servicer()
     rng = np.random.default_rng(5)
-    big = [rng.bytes(HASH_OFFLOAD_BYTES + 1 + i) for i in range(5)]
+    big = [rng.bytes(HASH_OFFLOAD_REQUEST_BYTES // 4 + i) for i in range(5)]  # 1.25 MiB in all
     small = [rng.bytes(100), rng.bytes(HASH_OFFLOAD_BYTES)]
     pixels = rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)  # a 76,800-byte tensor
     assert pixels.nbytes > HASH_OFFLOAD_BYTES
@@ -132,3 +132,16 @@ def test_large_inputs_hashed_in_threads_get_the_same_keys_and_hits():
     assert all(r.cache_hit for r in response.results)
     np.testing.assert_array_equal(np.stack([tensors.from_proto(r.features) for r in response.results]), rows)
     assert servicer._hasher is not None  # the large ones did go to the hashing threads
+
+
+def test_a_request_with_little_to_hash_is_hashed_inline():
+    """One large image (under HASH_OFFLOAD_REQUEST_BYTES in all) is hashed on the loop: no thread hand-off."""
+    servicer, served = _servicer()
+    img = np.random.default_rng(6).bytes(HASH_OFFLOAD_BYTES * 2)
+    _store(servicer, served, [img], np.ones((1, 4), np.float32))
+
+    from featurebank.client.inputs import to_input
+
+    response = asyncio.run(servicer.extract(pb.ExtractRequest(backbone="b", inputs=[to_input(img)]), None))
+    assert response.results[0].cache_hit and response.results[0].key == content_key(img)
+    assert servicer._hasher is None
