@@ -92,14 +92,23 @@ class DynamicBatcher:
             self._full.set()
         self._on_depth(len(self))
 
-    async def wait_for_batch(self) -> list[PendingItem]:
-        """The next non-empty batch: waits for a first item, then up to the delay for a full batch."""
+    async def wait_for_batch(self, *, full_only: bool = False) -> list[PendingItem]:
+        """The next non-empty batch: waits for a first item, then up to the delay for a full batch.
+
+        ``full_only``: wait (without the delay) until a full batch is queued, for a batch sent
+        ahead while another computes; cancelling that wait takes nothing from the queue.
+        """
         loop = asyncio.get_running_loop()
         while True:
             while not len(self):
                 self._nonempty.clear()
                 await self._nonempty.wait()
-            if self._retry:
+            if full_only:
+                while len(self._queue) < self.max_batch_size:
+                    self._full.clear()
+                    await self._full.wait()
+                batch = self._take(loop.time())
+            elif self._retry:
                 batch = self._take_retry(loop.time())
             else:
                 if len(self._queue) < self.max_batch_size and self.max_batch_delay_s > 0:

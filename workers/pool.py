@@ -228,19 +228,26 @@ class WorkerPool:
     async def _feed(self, w: WorkerProcess) -> None:
         """Keep up to ``pipeline_depth`` batches in flight on one worker.
 
-        With two in flight the next batch is formed, pickled and written to the pipe while the
-        worker computes the current one, so the worker never waits for the frontend between
-        batches (and TensorFlow's thread pool stays warm). The worker answers in order, so the
+        With two in flight the next full batch is formed, pickled and written to the pipe while
+        the worker computes the current one, so under load the worker never waits for the
+        frontend between batches (and TensorFlow's thread pool stays warm). The worker answers in order, so the
         oldest batch in flight is the one it was computing when it died: only that batch's items
         are counted as having crashed it; the others go back to the queue unblamed.
         """
-        loop = asyncio.get_running_loop()
         inflight: collections.deque[tuple[list[PendingItem], asyncio.Future]] = collections.deque()
         next_batch: asyncio.Task | None = None
+        ahead = False  # next_batch waits for a full batch, to queue behind one in flight
         try:
             while not self._closing:
+                if next_batch is not None and ahead and not inflight and not next_batch.done():
+                    next_batch.cancel()  # the worker is idle now: a partial batch may go
+                    next_batch = None
                 if next_batch is None and len(inflight) < self.pipeline_depth:
-                    next_batch = asyncio.ensure_future(self.batcher.wait_for_batch())
+                    # Behind a batch in flight only a full batch goes ahead: a partial one would
+                    # leave the items arriving meanwhile for a batch later (smaller batches, more
+                    # calls); it waits for the worker to finish instead, as with one in flight.
+                    ahead = bool(inflight)
+                    next_batch = asyncio.ensure_future(self.batcher.wait_for_batch(full_only=ahead))
                 waits = [f for f in (next_batch, inflight[0][1] if inflight else None) if f is not None]
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if next_batch is not None and next_batch.done():

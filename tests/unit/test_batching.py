@@ -346,3 +346,21 @@ async def test_requeue_front_puts_unblamed_items_back_first_in_their_order_and_b
     assert len(b) == 6
     assert payloads(await next_batch(b)) == ["a", "b", "c"]
     assert payloads(await next_batch(b)) == ["d", "e", "f"]
+
+
+async def test_full_only_waits_for_a_full_batch_and_cancelling_takes_nothing():
+    """A batch sent ahead (full_only) waits past the delay for a full batch; cancelled, it leaves the
+    queue as it was; once max_batch_size items are queued it returns them at once."""
+    b = DynamicBatcher(max_batch_size=3, max_batch_delay_ms=1, max_queue_size=8)
+    b.submit(pending("a"))
+    b.submit(pending("b"))
+    ahead = asyncio.ensure_future(b.wait_for_batch(full_only=True))
+    await asyncio.sleep(0.05)  # fifty times the delay
+    assert not ahead.done()
+    ahead.cancel()
+    await asyncio.gather(ahead, return_exceptions=True)
+    assert len(b) == 2
+    ahead = asyncio.ensure_future(b.wait_for_batch(full_only=True))
+    await asyncio.sleep(0)
+    b.submit(pending("c"))
+    assert payloads(await asyncio.wait_for(ahead, PROMPT_S)) == ["a", "b", "c"]
