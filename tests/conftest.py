@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from featurebank.client import FeatureBank
 from support import RedisProcess, ServerProcess
 
 
@@ -36,3 +37,18 @@ def start_server():
     yield _start
     for s in started:
         s.terminate()
+
+
+@pytest.fixture(scope="module")
+def toy_server(shared_redis):
+    """One toy-backbone server on the module's Redis, for a whole test module; must exit 0."""
+    s = ServerProcess("--backbone", "toy", "--redis-url", shared_redis.url).start()
+    yield s
+    assert s.terminate() == 0
+
+
+@pytest.fixture
+def toy_bank(toy_server):
+    """An SDK client of ``toy_server``."""
+    with FeatureBank(toy_server.target, timeout_s=60) as b:
+        yield b

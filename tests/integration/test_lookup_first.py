@@ -13,24 +13,21 @@ import grpc
 import numpy as np
 import pytest
 
-from featurebank.client import FLOAT16, FeatureBank, FeatureBankError
+from featurebank.client import FLOAT16, FeatureBankError
 from featurebank.client import sdk
 from featurebank.client.sdk import AsyncFeatureBank
 from featurebank.v1 import featurebank_pb2 as pb
-from support import ServerProcess, random_images
+from support import random_images
 
 
 @pytest.fixture(scope="module")
-def server(shared_redis):
-    s = ServerProcess("--backbone", "toy", "--redis-url", shared_redis.url).start()
-    yield s
-    assert s.terminate() == 0
+def server(toy_server):
+    return toy_server
 
 
 @pytest.fixture
-def bank(server):
-    with FeatureBank(server.target, timeout_s=60) as b:
-        yield b
+def bank(toy_bank):
+    return toy_bank
 
 
 class Traffic:

@@ -14,20 +14,17 @@ import pytest
 from featurebank.client import FLOAT16, REFRESH, BYPASS, FeatureBank, FeatureBankError, content_key
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
-from support import ServerProcess, png_bytes, random_images, wait_until
+from support import png_bytes, random_images, wait_until
 
 
 @pytest.fixture(scope="module")
-def server(shared_redis):
-    s = ServerProcess("--backbone", "toy", "--redis-url", shared_redis.url).start()
-    yield s
-    assert s.terminate() == 0
+def server(toy_server):
+    return toy_server
 
 
 @pytest.fixture
-def bank(server):
-    with FeatureBank(server.target, timeout_s=60) as b:
-        yield b
+def bank(toy_bank):
+    return toy_bank
 
 
 def test_health_serving_and_reflection_lists_the_service(server):
