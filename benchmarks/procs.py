@@ -400,6 +400,11 @@ def server_stats(before: dict, after: dict, backbone: str) -> dict:
     out["padding_overhead"] = (padded / real - 1.0) if real and previous == batches else None
     for result in ("hit", "miss", "error"):
         out[f"items_{result}"] = int(metric_delta(before, after, "featurebank_items_total", backbone=backbone, result=result))
+    # The worker's own clock: time with no batch to compute (the first batch of a phase also
+    # carries the idle time before it) and time reading + unpickling batches from the pipe.
+    for what in ("idle", "read"):
+        seconds = metric_delta(before, after, f"featurebank_worker_{what}_seconds_total", backbone=backbone)
+        out[f"worker_{what}_ms_per_batch"] = seconds * 1e3 / batches if batches else None
     out["singleflight_joins"] = int(metric_delta(before, after, "featurebank_singleflight_joins_total", backbone=backbone))
     out["cache_errors"] = int(metric_delta(before, after, "featurebank_cache_errors_total"))
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}

@@ -44,6 +44,13 @@ class Metrics:
             "featurebank_inference_duration_seconds", "Worker time per batch: decode, preprocess and forward pass.",
             ["backbone"], buckets=LATENCY_BUCKETS_S, registry=r,
         )
+        self.worker_idle = Counter(
+            "featurebank_worker_idle_seconds", "Seconds workers waited with no batch to compute.", ["backbone"], registry=r,
+        )
+        self.worker_read = Counter(
+            "featurebank_worker_read_seconds", "Seconds workers spent reading and unpickling batches from the frontend.",
+            ["backbone"], registry=r,
+        )
         self.queue_depth = Gauge("featurebank_queue_depth", "Items waiting in the batcher.", ["backbone"], registry=r)
         self.workers_ready = Gauge("featurebank_workers_ready", "Worker processes ready to take batches.", ["backbone"], registry=r)
         self.worker_restarts = Counter(

@@ -70,3 +70,5 @@ class BatchResult:
     errors: list[tuple[str, str] | None]  # (code name, message): "INVALID_ARGUMENT" | "INTERNAL"
     inference_seconds: float
     trace_count: int
+    idle_seconds: float = 0.0  # the worker waited this long for the batch (nothing to do)
+    read_seconds: float = 0.0  # then took this long to read and unpickle it

@@ -266,6 +266,8 @@ class WorkerPool:
                     w.state = WorkerState.READY
                 self._resolve(items, result)
                 self.metrics.inference_duration.labels(self.backbone).observe(result.inference_seconds)
+                self.metrics.worker_idle.labels(self.backbone).inc(result.idle_seconds)
+                self.metrics.worker_read.labels(self.backbone).inc(result.read_seconds)
                 self.metrics.traces.labels(self.backbone, str(w.setup.worker_index)).set(result.trace_count)
         finally:
             if next_batch is not None:

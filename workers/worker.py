@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -81,11 +82,17 @@ def main(conn, setup: WorkerSetup) -> None:
         sys.exit(3)
     conn.send(WorkerReady(info, backbone.trace_count, time.perf_counter() - t0))
     logger.info("ready in %.1fs (%d traces)", time.perf_counter() - t0, backbone.trace_count)
+    idle_since = time.perf_counter()
     while True:
         try:
-            msg = conn.recv()
+            conn.poll(None)  # idle: nothing sent yet
+            readable = time.perf_counter()
+            msg = conn.recv()  # reading and unpickling the batch
         except (EOFError, OSError):
             return  # the frontend went away
         if isinstance(msg, Shutdown):
             return
-        conn.send(compute(backbone, msg))
+        received = time.perf_counter()
+        result = compute(backbone, msg)
+        conn.send(dataclasses.replace(result, idle_seconds=readable - idle_since, read_seconds=received - readable))
+        idle_since = time.perf_counter()

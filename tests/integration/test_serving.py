@@ -6,6 +6,7 @@ import concurrent.futures
 import pathlib
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -182,6 +183,20 @@ def test_list_backbones_describes_layers(bank):
     assert {l.name: tuple(l.shape) for l in info.layers} == {"conv": (8,), "pooled": (16,)}
     assert tuple(info.input_size) == (32, 32, 3) and len(info.fingerprint) == 32 and "255" in info.preprocessing
     assert info.workers_ready == 1
+
+
+def test_worker_idle_and_read_time_are_counted(bank, server):
+    """The worker's own clock: seconds with nothing to compute and seconds reading batches."""
+    def worker_seconds():
+        return [server.metric(f"featurebank_worker_{w}_seconds_total", backbone="toy") for w in ("idle", "read")]
+
+    bank.extract(random_images(1, seed=770), backbone="toy", cache_policy=BYPASS)
+    idle0, read0 = worker_seconds()
+    time.sleep(0.5)
+    bank.extract(random_images(2, seed=771), backbone="toy", cache_policy=BYPASS)
+    idle1, read1 = worker_seconds()
+    assert idle1 - idle0 >= 0.5  # nothing to do while this test slept
+    assert 0 < read1 - read0 < 0.5
 
 
 def test_no_retraces_after_warmup(bank, server):
