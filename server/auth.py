@@ -13,6 +13,7 @@ import os
 import grpc
 
 from featurebank.server.errors import FeatureBankError
+from featurebank.server.limits import Limits
 
 
 class UnauthenticatedError(FeatureBankError):
@@ -31,6 +32,7 @@ class Tenant:
     secret: str
     backbones: tuple[str, ...] = ("*",)
     heads: tuple[str, ...] = ("*",)
+    limits: Limits = Limits()
 
     @property
     def namespace(self) -> str:
@@ -56,10 +58,12 @@ class TokenAuthenticator:
     The tokens file (JSON) looks like::
 
         {"tenants": {"search": {"tokens": ["..."], "secret": "...", "backbones": ["*"], "heads": ["search-*"]},
-                     "ads":    {"tokens": ["..."], "secret": "...", "backbones": ["minilm"]}}}
+                     "ads":    {"tokens": ["..."], "secret": "...", "backbones": ["minilm"],
+                                "max_inflight_items": 2048, "requests_per_s": 200, "burst": 400}}}
 
     ``secret`` salts the tenant's cache keys (default: derived from the tokens, so rotating every
-    token of a tenant also starts a fresh key space unless a secret is set).
+    token of a tenant also starts a fresh key space unless a secret is set). The optional limits
+    (``server/limits.py``) answer RESOURCE_EXHAUSTED to that tenant alone.
     """
 
     def __init__(self, tenants: dict[str, Tenant], tokens: dict[str, str]):
@@ -86,7 +90,12 @@ class TokenAuthenticator:
                     raise ValueError(f"{source}: a token is listed for both {tokens[t]!r} and {name!r}")
                 tokens[t] = name
             secret = spec.get("secret") or hashlib.sha256("\0".join(sorted(toks)).encode()).hexdigest()
-            tenants[name] = Tenant(name, secret, tuple(spec.get("backbones") or ("*",)), tuple(spec.get("heads") or ("*",)))
+            try:
+                limits = Limits.from_dict(spec)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{source}: limits of tenant {name!r}: {e}") from None
+            tenants[name] = Tenant(name, secret, tuple(spec.get("backbones") or ("*",)), tuple(spec.get("heads") or ("*",)),
+                                   limits)
         if not tenants:
             raise ValueError(f"{source}: no tenants")
         return cls(tenants, tokens)

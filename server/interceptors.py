@@ -11,6 +11,7 @@ import grpc
 
 from featurebank.server.auth import TokenAuthenticator, current_tenant
 from featurebank.server.errors import FeatureBankError, InvalidArgumentError
+from featurebank.server.limits import TenantGate, current_gate
 from featurebank.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -46,13 +47,20 @@ def _checked(request):
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates the caller (when tokens are configured), maps FeatureBankError to its status
-    code (anything else to INTERNAL) and records ``featurebank_requests_total{method,code}`` and
-    ``featurebank_request_duration_seconds``."""
+    """Authenticates the caller (when tokens are configured) and applies its request rate, maps
+    FeatureBankError to its status code (anything else to INTERNAL) and records
+    ``featurebank_requests_total{method,code,tenant}`` and ``featurebank_request_duration_seconds``."""
 
     def __init__(self, metrics: Metrics, authenticator: TokenAuthenticator | None = None):
         self.metrics = metrics
         self.authenticator = authenticator
+        # One gate per tenant that has limits (rate, items in flight).
+        self._gates: dict[str, TenantGate] = {
+            t.name: TenantGate(t.name, t.limits, on_limited=lambda tenant, limit: metrics.tenant_limited.labels(tenant, limit).inc(),
+                               on_inflight=lambda tenant, n: metrics.tenant_inflight.labels(tenant).set(n))
+            for t in (authenticator.tenants.values() if authenticator is not None else ())
+            if t.limits.max_inflight_items or t.limits.requests_per_s
+        }
         # Full method name -> its wrapped handler. A method's handler is registered once and never
         # changes, and nothing per call is baked into the wrapper, so it is built once per method
         # rather than once per RPC (closures, a handler tuple, a continuation call each time).
@@ -101,9 +109,16 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         """Turn exceptions into statuses; count and time the RPC."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        tenant = ""
         try:
             if self.authenticator is not None:  # health and reflection never get here: probes stay open
-                current_tenant.set(self.authenticator.authenticate(context.invocation_metadata()))
+                t = self.authenticator.authenticate(context.invocation_metadata())
+                current_tenant.set(t)
+                tenant = t.name
+                gate = self._gates.get(t.name)
+                current_gate.set(gate)
+                if gate is not None:
+                    gate.admit()  # the rate; items in flight are counted where they are worked on
             yield
         except FeatureBankError as e:
             code = e.code
@@ -119,5 +134,5 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             logger.exception("%s failed", method)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}")
         finally:
-            self.metrics.requests.labels(method, code.name).inc()
+            self.metrics.requests.labels(method, code.name, tenant).inc()
             self.metrics.request_duration.labels(method).observe(time.perf_counter() - start)

@@ -16,7 +16,16 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "featurebank_requests", "RPCs handled, by method and status code.", ["method", "code"], registry=r
+            "featurebank_requests", "RPCs handled, by method, status code and tenant (empty without tokens).",
+            ["method", "code", "tenant"], registry=r
+        )
+        self.tenant_inflight = Gauge(
+            "featurebank_tenant_inflight_items", "Items of a tenant's RPCs being worked on (tenants with a limit).",
+            ["tenant"], registry=r,
+        )
+        self.tenant_limited = Counter(
+            "featurebank_tenant_limited", "RPCs refused because a tenant was over a limit (rate or inflight_items).",
+            ["tenant", "limit"], registry=r,
         )
         self.items = Counter(
             "featurebank_items", "Input items answered, by result: hit, miss (computed) or error.",

@@ -28,6 +28,7 @@ from featurebank.server.errors import (
 from featurebank.server.heads import CompiledHead, DirectoryHeadStore, HeadStore
 from featurebank.server.heads import check_name as check_head_name
 from featurebank.server.keys import cache_key, cache_keys
+from featurebank.server.limits import items_in_flight
 from featurebank.server.metrics import Metrics
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
@@ -254,7 +255,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         in_progress: collections.deque[asyncio.Task] = collections.deque()
         try:
             async for request in request_iterator:
-                in_progress.append(asyncio.ensure_future(self.extract(request, context)))
+                in_progress.append(asyncio.ensure_future(self.extract(request, context, wait_for_room=True)))
                 while in_progress and (in_progress[0].done() or len(in_progress) >= self.stream_window):
                     yield await in_progress.popleft()
             while in_progress:
@@ -263,8 +264,17 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             for task in in_progress:
                 task.cancel()
 
-    async def extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None) -> pb.ExtractResponse:
-        """The Extract pipeline for one request message (also used by ExtractStream and Predict)."""
+    async def extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None, *,
+                      wait_for_room: bool = False) -> pb.ExtractResponse:
+        """The Extract pipeline for one request message (also used by ExtractStream and Predict).
+
+        Its inputs count against the tenant's ``max_inflight_items`` while it runs: over the limit
+        a unary call is refused at once, a stream's message waits for room (``wait_for_room``).
+        """
+        async with items_in_flight(len(request.inputs), wait=wait_for_room):
+            return await self._extract(request, context)
+
+    async def _extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None) -> pb.ExtractResponse:
         n = len(request.inputs)
         if n == 0:
             raise InvalidArgumentError("no inputs: send at least one Input")
@@ -494,6 +504,11 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         if not request.backbone:
             raise InvalidArgumentError("Lookup needs a backbone name")
         served, layer = self._resolve(request.backbone, request.layer, None)
+        async with items_in_flight(n):
+            return await self._lookup(request, served, layer, out_dtype)
+
+    async def _lookup(self, request: pb.LookupRequest, served: ServedBackbone, layer: str, out_dtype) -> pb.ExtractResponse:
+        n = len(request.keys)
         response = pb.ExtractResponse(backbone_fingerprint=served.info.fingerprint, backbone=served.info.name, layer=layer)
         results = [response.results.add(key=k) for k in request.keys]
         valid = [i for i, k in enumerate(request.keys) if _CONTENT_KEY.match(k)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 
 import grpc
 import pytest
@@ -144,3 +145,69 @@ def test_tenants_cannot_see_each_others_cache(tenants_server):
             FeatureBank(tenants_server.target, token=TOKEN_C, timeout_s=30) as c:
         assert not a.extract_items(other, backbone=SHARED)[0].cache_hit
         assert c.extract_items(other, backbone=SHARED)[0].cache_hit
+
+
+TOKEN_E = "tenant-e-token-0123456789"
+TOKEN_F = "tenant-f-token-0123456789"
+TOKEN_G = "tenant-g-token-0123456789"
+
+
+def test_tenant_limits_refuse_that_tenant_only(start_server, tmp_path):
+    """Per-tenant limits: over its items in flight (unary) or its request rate a tenant gets
+    RESOURCE_EXHAUSTED at once while other tenants are served; a stream waits for room instead of
+    failing; a request larger than the bound runs alone; all counted per tenant."""
+    import concurrent.futures
+
+    from featurebank.v1 import featurebank_pb2 as pb
+
+    faulty = "fixture_backbones:FaultyToy"
+    (tmp_path / "tokens.json").write_text(json.dumps({"tenants": {
+        "e": {"tokens": [TOKEN_E], "max_inflight_items": 4},
+        "f": {"tokens": [TOKEN_F]},
+        "g": {"tokens": [TOKEN_G], "requests_per_s": 1, "burst": 2},
+    }}))
+    server = start_server("--backbone", faulty, "--tokens-file", str(tmp_path / "tokens.json"),
+                          "--max-batch-delay-ms", "1", env={"FB_TEST_FORWARD_DELAY_MS": "600"})
+    images = random_images(24, seed=880)
+    with FeatureBank(server.target, token=TOKEN_E, timeout_s=60) as e, \
+            FeatureBank(server.target, token=TOKEN_F, timeout_s=60) as f, \
+            FeatureBank(server.target, token=TOKEN_G, timeout_s=60) as g, \
+            concurrent.futures.ThreadPoolExecutor(2) as ex:
+        busy = ex.submit(e.extract, images[:3], backbone=faulty)
+        wait_until(lambda: server.metric("featurebank_tenant_inflight_items", tenant="e") == 3, 20, "3 items of e in flight")
+        with pytest.raises(FeatureBankError) as over:
+            e.extract(images[3:5], backbone=faulty)  # 3 + 2 > 4
+        assert over.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_inflight_items=4" in over.value.message
+        assert f.extract(images[5:13], backbone=faulty).shape == (8, 16)  # another tenant: unaffected
+        assert e.extract(images[13:14], backbone=faulty).shape == (1, 16)  # 3 + 1 fits
+        assert busy.result().shape == (3, 16)
+        assert e.extract(images[14:20], backbone=faulty).shape == (6, 16)  # over the bound, but alone
+        # A stream of 2-item messages, window 4: messages wait for room; nothing fails.
+        e.max_items_per_request = 2
+        streamed = list(e.extract_stream(images[:12], backbone=faulty, cache_policy=pb.BYPASS))
+        assert [o.error for o in streamed] == [None] * 12
+        wait_until(lambda: server.metric("featurebank_tenant_inflight_items", tenant="e") == 0, 10, "e to drain")
+        # Rate: a burst of 2, then refused at once, until the bucket refills (1 a second).
+        g.backbones()
+        g.backbones()
+        with pytest.raises(FeatureBankError) as fast:
+            g.backbones()
+        assert fast.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "1 requests/s" in fast.value.message
+        f.backbones()  # not g's bucket
+        time.sleep(1.1)
+        g.backbones()
+    assert server.metric("featurebank_tenant_limited_total", tenant="e", limit="inflight_items") == 1
+    assert server.metric("featurebank_tenant_limited_total", tenant="g", limit="rate") == 1
+    assert server.metric("featurebank_requests_total", tenant="e", code="RESOURCE_EXHAUSTED") == 1
+    assert server.metric("featurebank_requests_total", tenant="f", code="OK") >= 2
+    assert server.metric("featurebank_tenant_limited_total", tenant="f") == 0
+
+
+def test_bad_limits_in_the_tokens_file_are_refused():
+    """Negative or non-numeric limits fail at start-up, naming the tenant."""
+    from featurebank.server.auth import TokenAuthenticator
+
+    for bad in ({"max_inflight_items": -1}, {"requests_per_s": "fast"}):
+        with pytest.raises(ValueError, match="limits of tenant 'x'"):
+            TokenAuthenticator.from_dict({"tenants": {"x": {"tokens": [TOKEN_E], **bad}}})

