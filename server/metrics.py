@@ -57,7 +57,7 @@ class Metrics:
             "featurebank_worker_idle_seconds", "Seconds workers waited with no batch to compute.", ["backbone"], registry=r,
         )
         self.worker_read = Counter(
-            "featurebank_worker_read_seconds", "Seconds workers spent reading and unpickling batches from the frontend.",
+            "featurebank_worker_read_seconds", "Seconds workers spent reading and unpickling batches (in a reader thread, beside the compute).",
             ["backbone"], registry=r,
         )
         self.queue_depth = Gauge("featurebank_queue_depth", "Items waiting in the batcher.", ["backbone"], registry=r)

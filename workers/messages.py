@@ -71,4 +71,4 @@ class BatchResult:
     inference_seconds: float
     trace_count: int
     idle_seconds: float = 0.0  # the worker waited this long for the batch (nothing to do)
-    read_seconds: float = 0.0  # then took this long to read and unpickle it
+    read_seconds: float = 0.0  # reading and unpickling it took this long (beside the previous batch)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 import traceback
 
@@ -82,17 +84,39 @@ def main(conn, setup: WorkerSetup) -> None:
         sys.exit(3)
     conn.send(WorkerReady(info, backbone.trace_count, time.perf_counter() - t0))
     logger.info("ready in %.1fs (%d traces)", time.perf_counter() - t0, backbone.trace_count)
-    idle_since = time.perf_counter()
+    serve(conn, backbone)
+
+
+def serve(conn, backbone) -> None:
+    """Compute batches until Shutdown or the frontend goes away.
+
+    A reader thread receives (reads and unpickles, but never decodes) the next batch while this
+    thread computes the current one, so with two batches in flight the pipe transfer overlaps
+    the forward pass. Batches are still computed strictly in order, one at a time, so a crash is
+    always the batch the frontend sent first (``WorkerPool`` blames only that one).
+    """
+    inbox: queue.Queue = queue.Queue(maxsize=1)  # one batch read ahead, at most
+
+    def reader() -> None:
+        while True:
+            try:
+                conn.poll(None)
+                readable = time.perf_counter()
+                msg = conn.recv()
+            except (EOFError, OSError):
+                inbox.put(None)  # the frontend went away
+                return
+            inbox.put((msg, time.perf_counter() - readable))
+            if isinstance(msg, Shutdown):
+                return
+
+    threading.Thread(target=reader, name="batch-reader", daemon=True).start()
     while True:
-        try:
-            conn.poll(None)  # idle: nothing sent yet
-            readable = time.perf_counter()
-            msg = conn.recv()  # reading and unpickling the batch
-        except (EOFError, OSError):
-            return  # the frontend went away
-        if isinstance(msg, Shutdown):
-            return
-        received = time.perf_counter()
-        result = compute(backbone, msg)
-        conn.send(dataclasses.replace(result, idle_seconds=readable - idle_since, read_seconds=received - readable))
         idle_since = time.perf_counter()
+        item = inbox.get()
+        if item is None or isinstance(item[0], Shutdown):
+            return
+        msg, read_seconds = item
+        idle = time.perf_counter() - idle_since
+        result = compute(backbone, msg)
+        conn.send(dataclasses.replace(result, idle_seconds=idle, read_seconds=read_seconds))
