@@ -29,6 +29,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too (and so at most 55535).
+
+    Redis/valkey cluster nodes listen on both; an ephemeral port above 55535 has no valid bus
+    port, and the node refuses to start.
+    """
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        try:
+            for p in (port, port + 10000):
+                with contextlib.closing(socket.socket()) as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair (P, P + 10000) for a cluster node")
+
+
 def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
     """Poll predicate until it returns a truthy value; fail with ``what`` after timeout_s."""
     deadline = time.monotonic() + timeout_s
@@ -70,7 +90,13 @@ class RedisProcess:
              "--dir", self.dir, *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
-        wait_until(self.ping, 20, f"redis on port {self.port}")
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{redis_binary()} on port {self.port} exited {self.proc.returncode} "
+                                   f"(args {' '.join(self.extra_args)})")
+            return self.ping()
+
+        wait_until(up, 20, f"redis on port {self.port}")
         return self
 
     def ping(self) -> bool:

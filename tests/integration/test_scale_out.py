@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 
 from featurebank.client import FeatureBank
-from support import RedisProcess, ServerProcess, random_images, wait_until
+from support import RedisProcess, ServerProcess, free_cluster_port, random_images, wait_until
 
 
 @pytest.fixture
 def redis_cluster():
     """Three valkey/redis-server processes joined into one cluster covering all 16384 slots."""
-    nodes = [RedisProcess(extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                      "--cluster-node-timeout", "2000")) for _ in range(3)]
+    nodes = [RedisProcess(free_cluster_port(), extra_args=("--cluster-enabled", "yes", "--cluster-config-file",
+                                                           "nodes.conf", "--cluster-node-timeout", "2000"))
+             for _ in range(3)]
     for n in nodes:
         n.start()
     try:
