@@ -28,7 +28,7 @@ from featurebank.server.errors import (
 from featurebank.server.heads import CompiledHead, DirectoryHeadStore, HeadStore
 from featurebank.server.heads import check_name as check_head_name
 from featurebank.server.keys import cache_key, cache_keys
-from featurebank.server.limits import items_in_flight
+from featurebank.server.limits import current_gate, items_in_flight
 from featurebank.server.metrics import Metrics
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
@@ -271,6 +271,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         Its inputs count against the tenant's ``max_inflight_items`` while it runs: over the limit
         a unary call is refused at once, a stream's message waits for room (``wait_for_room``).
         """
+        if current_gate.get() is None:  # no tenant limits: no context manager on the hot path
+            return await self._extract(request, context)
         async with items_in_flight(len(request.inputs), wait=wait_for_room):
             return await self._extract(request, context)
 

@@ -40,15 +40,16 @@ def start_server():
 
 
 @pytest.fixture(scope="module")
-def toy_server(shared_redis):
-    """One toy-backbone server on the module's Redis, for a whole test module; must exit 0."""
+def server(shared_redis):
+    """One toy-backbone server on the module's Redis, for a whole test module; must exit 0.
+    A module that needs another server defines its own ``server``; ``bank`` follows it."""
     s = ServerProcess("--backbone", "toy", "--redis-url", shared_redis.url).start()
     yield s
     assert s.terminate() == 0
 
 
 @pytest.fixture
-def toy_bank(toy_server):
-    """An SDK client of ``toy_server``."""
-    with FeatureBank(toy_server.target, timeout_s=60) as b:
+def bank(server):
+    """An SDK client of the module's ``server``."""
+    with FeatureBank(server.target, timeout_s=300) as b:
         yield b

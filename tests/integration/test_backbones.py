@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from featurebank.client import FeatureBank, content_key
+from featurebank.client import content_key
 from support import DATA_DIR, ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -23,12 +23,6 @@ def server(shared_redis, tmp_path_factory):
                       env={"FEATUREBANK_CACHE_DIR": str(cache_dir)}).start(timeout_s=600)
     yield s
     assert s.terminate() == 0
-
-
-@pytest.fixture
-def bank(server):
-    with FeatureBank(server.target, timeout_s=300) as b:
-        yield b
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,6 @@ from featurebank.v1 import featurebank_pb2 as pb
 from support import random_images
 
 
-@pytest.fixture(scope="module")
-def server(toy_server):
-    return toy_server
-
-
-@pytest.fixture
-def bank(toy_bank):
-    return toy_bank
-
-
 class Traffic:
     """What reached the server between two points: RPCs per method and Extract's items."""
 

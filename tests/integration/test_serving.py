@@ -12,20 +12,10 @@ import grpc
 import numpy as np
 import pytest
 
-from featurebank.client import FLOAT16, REFRESH, BYPASS, FeatureBank, FeatureBankError, content_key
+from featurebank.client import FLOAT16, REFRESH, BYPASS, FeatureBankError, content_key
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 from support import png_bytes, random_images, wait_until
-
-
-@pytest.fixture(scope="module")
-def server(toy_server):
-    return toy_server
-
-
-@pytest.fixture
-def bank(toy_bank):
-    return toy_bank
 
 
 def test_health_serving_and_reflection_lists_the_service(server):
