@@ -108,6 +108,18 @@ class LRUCache(FeatureCache):
         self.bytes_used -= len(key) + len(v)
 
 
+def _is_bug(err: BaseException) -> bool:
+    """An AttributeError, NameError or TypeError raised in this module's own code (e.g.
+    asyncio.timeout, missing before Python 3.11), not from inside redis-py or asyncio, which can
+    raise such errors on a connection torn down mid-call: those are outages."""
+    if not isinstance(err, (AttributeError, NameError, TypeError)):
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename == __file__
+
+
 class RedisCache(FeatureCache):
     """Redis (or any Redis-protocol server): MGET / pipelined SET EX, bounded by timeouts.
 
@@ -150,6 +162,8 @@ class RedisCache(FeatureCache):
         return time.monotonic() >= self._down_until
 
     def _failed(self, op: str, err: BaseException) -> None:
+        if _is_bug(err):
+            raise err  # a bug here (asyncio.timeout before 3.11, a typo) is not an outage: never "uncached" forever
         self._metrics.cache_errors.labels(op=op).inc()
         self._down_until = time.monotonic() + self.retry_interval_s
         if not self._outage:
