@@ -337,7 +337,9 @@ class ServedProcess:
 def featurebank_server(workdir: pathlib.Path, name: str, backbones: list[str], *, redis_url: str = "",
                        cache_dtype: str = "float32", extra: list[str] | None = None) -> ServedProcess:
     argv = [sys.executable, "-m", "featurebank.server", "--backbone", ",".join(backbones), "--port", "0",
-            "--metrics-port", "0", "--host", "127.0.0.1", "--cache-dtype", cache_dtype, "--log-level", "WARNING"]
+            "--metrics-port", "0", "--host", "127.0.0.1", "--cache-dtype", cache_dtype, "--log-level", "WARNING",
+            # Raw batches of 64 benchmark PNGs (70-110 KB each) exceed the 4 MiB default the SDK stays under.
+            "--max-message-bytes", str(64 << 20)]
     if redis_url:
         argv += ["--redis-url", redis_url]
     return ServedProcess(name, argv + list(extra or []), workdir)

@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 from featurebank.server.auth import TokenAuthenticator, server_credentials
 from featurebank.server.batching import DynamicBatcher
 from featurebank.server.cache import FeatureCache, LRUCache, RedisCache
-from featurebank.server.config import ServerConfig
+from featurebank.server.config import ServerConfig, is_loopback
 from featurebank.server.heads import DirectoryHeadStore, RedisHeadStore
 from featurebank.server.interceptors import StatusInterceptor
 from featurebank.server.metrics import Metrics
@@ -28,6 +28,11 @@ from featurebank.workers.pool import WorkerPool
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = featurebank_pb2.DESCRIPTOR.services_by_name["FeatureBank"].full_name
+# Responses carry features of up to max_items_per_request inputs: tens of MiB at most.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# The health-only port: a health check is a few bytes, and probes come a few at a time.
+HEALTH_MAX_MESSAGE_BYTES = 64 * 1024
+HEALTH_MAX_CONCURRENT_RPCS = 16
 
 
 def make_cache(config: ServerConfig, metrics: Metrics) -> FeatureCache:
@@ -60,7 +65,9 @@ class FeatureBankServer:
         self.pools: dict[str, WorkerPool] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
         self.port = 0
+        self.health_port = -1
         self.metrics_port = -1
         self._metrics_http = None
         self._stopped = asyncio.Event()
@@ -92,8 +99,14 @@ class FeatureBankServer:
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         options = [
+            # Requests are bounded to what the SDK sends (it splits under 3 MiB): gRPC itself answers
+            # RESOURCE_EXHAUSTED ("Received message larger than max (N vs. M)") without buffering the
+            # message. Responses (features of up to max_items_per_request inputs) may be larger.
             ("grpc.max_receive_message_length", c.max_message_bytes),
-            ("grpc.max_send_message_length", c.max_message_bytes),
+            ("grpc.max_send_message_length", max(c.max_message_bytes, MAX_RESPONSE_BYTES)),
+            # Per client connection: further calls wait in the client (HTTP/2 flow control), so one
+            # connection cannot take every slot of maximum_concurrent_rpcs.
+            ("grpc.max_concurrent_streams", c.max_concurrent_streams),
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_permit_without_calls", 1),
             # Long-lived clients reconnect every few minutes, so a scale-up behind a headless
@@ -103,7 +116,13 @@ class FeatureBankServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
         authenticator = TokenAuthenticator.from_file(c.tokens_file) if c.tokens_file else None
-        self.server = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics, authenticator)], options=options)
+        if authenticator is None and not is_loopback(c.host):
+            logger.warning("serving %s without tokens (--insecure): every caller may use every backbone and head", c.host)
+        # Bounds the request messages held at once (each at most max_message_bytes); over it gRPC
+        # answers RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!". Unauthenticated calls are
+        # refused before their message is read (interceptors.py), so they cost no message memory.
+        self.server = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics, authenticator)], options=options,
+                                      maximum_concurrent_rpcs=c.max_concurrent_rpcs)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{c.host}:{c.port}"
@@ -114,8 +133,12 @@ class FeatureBankServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {c.host}:{c.port}")
+        if c.health_port >= 0:
+            await self._start_health_server()
         if c.metrics_port >= 0:
-            self._metrics_http, _ = start_http_server(c.metrics_port, registry=self.metrics.registry)
+            # Metrics follow the gRPC port: loopback only unless the server listens beyond it.
+            addr = "127.0.0.1" if is_loopback(c.host) else "0.0.0.0"
+            self._metrics_http, _ = start_http_server(c.metrics_port, addr=addr, registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         # The port opens before the workers are warm, so probes can see NOT_SERVING meanwhile;
         # FeatureBank RPCs answer UNAVAILABLE until then.
@@ -123,6 +146,7 @@ class FeatureBankServer:
                                             max_items_per_request=c.max_items_per_request,
                                             stream_window=c.stream_window, heads=self.heads,
                                             shared_cache_backbones=[b for b in c.shared_cache_backbones.split(",") if b])
+        self.servicer.max_text_bytes = c.max_text_bytes
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(self.servicer, self.server)
         await self.server.start()
         self._write_port_file(ready=False)
@@ -141,16 +165,33 @@ class FeatureBankServer:
         for info in infos:
             logger.info("serving %s (fingerprint %s, layers %s)", info.name, info.fingerprint[:12],
                         ", ".join(l.name for l in info.layers))
-        logger.info("featurebank listening on %s:%d, metrics on :%d, cache %s", c.host, self.port, self.metrics_port,
-                    self.cache.name)
+        logger.info("featurebank listening on %s:%d, metrics on :%d, health on :%d, cache %s", c.host, self.port,
+                    self.metrics_port, self.health_port, self.cache.name)
         self._write_port_file(ready=True)
+
+    async def _start_health_server(self) -> None:
+        """A plaintext port serving grpc.health.v1 alone (the same statuses as the gRPC port).
+
+        The kubelet's gRPC probe speaks no TLS, and on the main port probes would count against
+        maximum_concurrent_rpcs: a busy server would fail its liveness probe and be restarted.
+        """
+        c = self.config
+        self.health_server = grpc.aio.server(options=[("grpc.max_receive_message_length", HEALTH_MAX_MESSAGE_BYTES),
+                                                      ("grpc.max_concurrent_streams", HEALTH_MAX_CONCURRENT_RPCS)],
+                                             maximum_concurrent_rpcs=HEALTH_MAX_CONCURRENT_RPCS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port = self.health_server.add_insecure_port(f"{c.host}:{c.health_port}")
+        if self.health_port == 0:
+            raise OSError(f"could not bind the health port {c.host}:{c.health_port}")
+        await self.health_server.start()
 
     def _write_port_file(self, ready: bool) -> None:
         if not self.config.port_file:
             return
         tmp = self.config.port_file + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid(), "ready": ready}, f)
+            json.dump({"port": self.port, "metrics_port": self.metrics_port, "health_port": self.health_port,
+                       "pid": os.getpid(), "ready": ready}, f)
         os.replace(tmp, self.config.port_file)
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -159,6 +200,8 @@ class FeatureBankServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self._close_pools()
         await self.cache.close()
         if self._metrics_http is not None:

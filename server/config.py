@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from typing import Any
 
@@ -13,6 +14,17 @@ from featurebank.workers.backbones.registry import DEFAULT_BACKBONES
 # at batch 32, BENCHMARKS.md); GPUs keep gaining up to much larger batches.
 CPU_MAX_BATCH_SIZE = 8
 GPU_MAX_BATCH_SIZE = 32
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches only this machine: localhost, 127.0.0.0/8 or ::1."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # any other name may resolve to a public address
 
 
 def _field(default: Any, help: str, **kw: Any) -> Any:
@@ -26,7 +38,12 @@ class ServerConfig:
     """Settings of one featurebank server process. Every field is a ``--flag`` and a
     ``FEATUREBANK_FLAG`` env var (flags win over env vars, env vars over defaults)."""
 
-    host: str = _field("[::]", "address to bind the gRPC port on")
+    host: str = _field("localhost", "address to bind the gRPC port on; beyond loopback (e.g. [::] or 0.0.0.0) it needs "
+                       "--tokens-file, or --insecure to serve anyone who can connect")
+    insecure: bool = _field(False, "allow listening beyond loopback without --tokens-file: every caller may use every "
+                            "backbone and head (only behind another gate, e.g. a mesh with its own authentication)")
+    health_port: int = _field(-1, "plaintext port serving only grpc.health.v1, for probes that cannot speak TLS "
+                              "(the kubelet's); -1 = off, 0 = any free port")
     port: int = _field(50051, "gRPC port (0 = pick a free one)")
     metrics_port: int = _field(9464, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)")
     backbone: list = _field(
@@ -50,7 +67,14 @@ class ServerConfig:
     max_batch_delay_ms: float = _field(5.0, "longest an item waits for a batch to fill")
     max_queue_size: int = _field(2048, "items waiting for a worker before requests get RESOURCE_EXHAUSTED")
     max_items_per_request: int = _field(4096, "most inputs in one request")
-    max_message_bytes: int = _field(64 * 1024 * 1024, "largest gRPC message accepted or sent")
+    max_message_bytes: int = _field(4 * 1024 * 1024, "largest request message accepted (RESOURCE_EXHAUSTED above, unread); "
+                                    "the SDK splits requests under 3 MiB, sending only a single larger input alone")
+    max_text_bytes: int = _field(64 * 1024, "largest text input in UTF-8 bytes, refused per item before tokenizing "
+                                 "(MiniLM reads only its first 256 tokens)")
+    max_concurrent_rpcs: int = _field(128, "RPCs handled at once (RESOURCE_EXHAUSTED above): bounds the request "
+                                      "messages held in memory")
+    max_concurrent_streams: int = _field(32, "RPCs at once on one client connection (HTTP/2 "
+                                         "SETTINGS_MAX_CONCURRENT_STREAMS); further calls wait in the client")
     max_image_pixels: int = _field(40_000_000, "largest decoded image (width x height), checked before decoding")
     heads_dir: str = _field("", "where heads persist without Redis (default $XDG_DATA_HOME/featurebank/heads); "
                             "with --redis-url they live in Redis, shared by every replica")
@@ -89,6 +113,10 @@ class ServerConfig:
             ("max_queue_size", self.max_queue_size >= self.max_batch_size, f">= max_batch_size ({self.max_batch_size})"),
             ("max_items_per_request", self.max_items_per_request >= 1, ">= 1"),
             ("max_message_bytes", 1 << 20 <= self.max_message_bytes <= 2**31 - 1, "1 MiB .. 2 GiB"),
+            ("max_text_bytes", 1 <= self.max_text_bytes <= self.max_message_bytes, f"1 .. max_message_bytes ({self.max_message_bytes})"),
+            ("max_concurrent_rpcs", 1 <= self.max_concurrent_rpcs <= 100_000, "1..100000"),
+            ("max_concurrent_streams", 1 <= self.max_concurrent_streams <= 100_000, "1..100000"),
+            ("health_port", -1 <= self.health_port <= 65535, "-1..65535"),
             ("max_image_pixels", self.max_image_pixels >= 1, ">= 1"),
             ("grace_period_s", self.grace_period_s >= 0, ">= 0"),
             ("stream_window", 1 <= self.stream_window <= 64, "1..64"),
@@ -103,6 +131,11 @@ class ServerConfig:
             raise ValueError("invalid tls_client_ca_file: mutual TLS needs --tls-cert-file and --tls-key-file")
         if self.workers == 0 and not self.gpu_list:
             raise ValueError("invalid workers=0: must be >= 1 without --gpus")
+        if self.health_port > 0 and self.health_port in (self.port, self.metrics_port):
+            raise ValueError(f"invalid health_port={self.health_port}: must differ from --port and --metrics-port")
+        if not self.tokens_file and not self.insecure and not is_loopback(self.host):
+            raise ValueError(f"refusing to listen on {self.host} without --tokens-file: give --tokens-file, "
+                             "or --insecure to let anyone who can connect use every backbone and head")
 
     @property
     def heads_path(self) -> str:

@@ -47,9 +47,10 @@ def _checked(request):
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates the caller (when tokens are configured) and applies its request rate, maps
-    FeatureBankError to its status code (anything else to INTERNAL) and records
-    ``featurebank_requests_total{method,code,tenant}`` and ``featurebank_request_duration_seconds``."""
+    """Authenticates the caller (when tokens are configured) and applies its request rate before
+    anything of the call is read, maps FeatureBankError to its status code (anything else to
+    INTERNAL) and records ``featurebank_requests_total{method,code,tenant}`` and
+    ``featurebank_request_duration_seconds``."""
 
     def __init__(self, metrics: Metrics, authenticator: TokenAuthenticator | None = None):
         self.metrics = metrics
@@ -67,6 +68,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details):
+        if details.method.startswith(SERVICE_PREFIX):  # health and reflection stay open: probes need no token
+            refused = self._admit(details.invocation_metadata)
+            if refused is not None:
+                return self._refusal(details.method.rsplit("/", 1)[-1], refused)
         wrapped = self._handlers.get(details.method)
         if wrapped is not None:
             return wrapped
@@ -84,6 +89,44 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             return handler
         self._handlers[details.method] = wrapped
         return wrapped
+
+    def _admit(self, metadata) -> FeatureBankError | None:
+        """The caller's tenant and gate for this call (context variables), or why it is refused.
+
+        Runs in the RPC's own task before gRPC reads the request (grpc.aio finds the handler, and
+        so runs interceptors, before receiving a message), so the handler sees these variables.
+        """
+        current_tenant.set(None)
+        current_gate.set(None)
+        if self.authenticator is None:
+            return None
+        try:
+            tenant = self.authenticator.authenticate(metadata)
+        except FeatureBankError as e:
+            return e
+        current_tenant.set(tenant)
+        gate = self._gates.get(tenant.name)
+        current_gate.set(gate)
+        if gate is not None:
+            try:
+                gate.admit()  # the rate; items in flight are counted where they are worked on
+            except FeatureBankError as e:
+                return e
+        return None
+
+    def _refusal(self, method: str, error: FeatureBankError) -> grpc.RpcMethodHandler:
+        """A handler that answers ``error`` without reading the request.
+
+        For a unary method grpc.aio receives and parses the whole message before calling its
+        handler; a streaming handler reads only when it iterates, so a refused call is answered as
+        a stream (the same bytes on the wire) whose request is never read: an unauthenticated
+        caller cannot make the server hold or parse its message.
+        """
+        async def refuse(_unread_requests, context: grpc.aio.ServicerContext) -> None:
+            async with self._status(method, context):
+                raise error
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
 
     def _wrap_unary(self, method: str, inner):
         async def behavior(request, context: grpc.aio.ServicerContext):
@@ -109,16 +152,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         """Turn exceptions into statuses; count and time the RPC."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
-        tenant = ""
+        tenant = current_tenant.get()
         try:
-            if self.authenticator is not None:  # health and reflection never get here: probes stay open
-                t = self.authenticator.authenticate(context.invocation_metadata())
-                current_tenant.set(t)
-                tenant = t.name
-                gate = self._gates.get(t.name)
-                current_gate.set(gate)
-                if gate is not None:
-                    gate.admit()  # the rate; items in flight are counted where they are worked on
             yield
         except FeatureBankError as e:
             code = e.code
@@ -134,5 +169,5 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             logger.exception("%s failed", method)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}")
         finally:
-            self.metrics.requests.labels(method, code.name, tenant).inc()
+            self.metrics.requests.labels(method, code.name, tenant.name if tenant is not None else "").inc()
             self.metrics.request_duration.labels(method).observe(time.perf_counter() - start)

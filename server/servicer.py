@@ -103,6 +103,9 @@ def _cached_to_proto(value: bytes, header: codec.Header, want: int, out_dtype: n
 class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     """Extract / Lookup / ListBackbones over the served backbones, the cache and the batchers."""
 
+    # Largest text input in UTF-8 bytes (the server sets --max-text-bytes).
+    max_text_bytes = 64 * 1024
+
     def __init__(self, backbones: dict[str, ServedBackbone], cache: FeatureCache, metrics: Metrics,
                  *, storage_dtype: str, max_items_per_request: int, max_tensor_elements: int = 50_000_000,
                  stream_window: int = 4, heads: HeadStore | None = None, shared_cache_backbones=(),
@@ -234,6 +237,12 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 raise ItemFailure(grpc.StatusCode.INVALID_ARGUMENT, "empty image: no bytes")
         elif kind == "text":
             payload = item.text
+            # Bounded in UTF-8 bytes before a worker tokenizes it; a text of at most a quarter of the
+            # bound in characters fits whatever it holds, so short texts are never encoded here.
+            if len(payload) * 4 > self.max_text_bytes and (n := len(payload.encode("utf-8"))) > self.max_text_bytes:
+                raise ItemFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"text is {n} bytes, over max_text_bytes={self.max_text_bytes}: "
+                                  "send a shorter text (or raise --max-text-bytes)")
         else:
             try:
                 payload = tensors.from_proto(item.tensor, self.max_tensor_elements)

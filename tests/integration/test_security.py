@@ -110,6 +110,30 @@ def test_tls_and_mutual_tls(pki):
         assert tls.terminate() == 0 and mtls.terminate() == 0
 
 
+def test_probes_work_on_the_health_port_when_grpc_is_tls(pki):
+    """With TLS on the gRPC port, the plaintext --health-port answers grpc.health.v1 (SERVING, for the server and the
+    FeatureBank service) and nothing else; a server beyond loopback starts with --insecure in place of tokens."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    s = ServerProcess("--backbone", "toy", "--tls-cert-file", pki["server_cert"], "--tls-key-file", pki["server_key"],
+                      "--health-port", "0", "--host", "0.0.0.0", "--insecure").spawn().wait_port()
+    try:
+        health_port = json.loads(open(s.port_file).read())["health_port"]
+        assert health_port not in (0, s.port)
+        probe = ServerProcess()
+        probe.port = health_port  # support's health check speaks plaintext, as the kubelet's does
+        wait_until(lambda: probe.health() == "SERVING", 180, "SERVING on the plaintext health port")
+        assert probe.health("featurebank.v1.FeatureBank") == "SERVING"
+        assert s.health() == "UNAVAILABLE", "the gRPC port itself speaks only TLS"
+        with grpc.insecure_channel(probe.target) as ch, pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary("/featurebank.v1.FeatureBank/ListBackbones")(b"", timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, "the health port serves health alone"
+        with FeatureBank(s.target, tls_ca_file=pki["ca"], timeout_s=30) as bank:
+            assert bank.extract(random_images(1, seed=7), backbone="toy").shape == (1, 16)
+    finally:
+        assert s.terminate() == 0
+
+
 def test_tokens_are_required_but_probes_stay_open(tenants_server):
     """No or wrong token: UNAUTHENTICATED; health needs none; a backbone outside a tenant's list: PERMISSION_DENIED."""
     img = random_images(1, seed=2)
