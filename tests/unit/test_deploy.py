@@ -145,6 +145,20 @@ def container_port(container: dict, name: str) -> int:
     return ports[name]
 
 
+def client_namespaces(peer: dict) -> list[str]:
+    """The namespaces a NetworkPolicy peer names explicitly (kubernetes.io/metadata.name), [] when it names none."""
+    selector = peer.get("namespaceSelector")
+    if not selector:
+        return []
+    name = "kubernetes.io/metadata.name"
+    names = [selector["matchLabels"][name]] if name in selector.get("matchLabels", {}) else []
+    for e in selector.get("matchExpressions", []):
+        if e["key"] == name and e["operator"] == "In":
+            names.extend(e["values"])
+    explicit = {name} == set(selector.get("matchLabels", {})) | {e["key"] for e in selector.get("matchExpressions", [])}
+    return names if explicit else []
+
+
 # ---------------------------------------------------------------- metric names
 
 
@@ -274,21 +288,43 @@ def test_config_env_builds_a_valid_server_config(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_probes_use_the_grpc_port_and_health_service(overlay):
-    """Startup, readiness and liveness are native gRPC probes on the container's gRPC port, which is the configured port (50051 by default); readiness asks for the FeatureBank service."""
+def test_probes_use_the_plaintext_health_port(overlay):
+    """Startup, readiness and liveness are native gRPC probes on the server's plaintext health-only port (the kubelet's gRPC probe speaks no TLS, and the main port's RPC limit cannot starve it); the gRPC port is the configured one; readiness asks for the FeatureBank service."""
     objects = render(overlay)
     container = server_container(objects)
     cfg = config_of(objects)
     grpc_port = container_port(container, "grpc")
     assert grpc_port == cfg.port == server_config.ServerConfig().port
     assert container_port(container, "metrics") == cfg.metrics_port
+    health_port = container_port(container, "health")
+    assert health_port == cfg.health_port and health_port not in (grpc_port, cfg.metrics_port)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == grpc_port, probe
+        assert container[probe]["grpc"]["port"] == health_port, probe
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "warm-up takes minutes on a CPU"
     deadline = server_deployment(objects)["spec"]["progressDeadlineSeconds"]
     assert deadline > startup["periodSeconds"] * startup["failureThreshold"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_server_requires_the_tokens_secret(overlay):
+    """The pods listen beyond loopback with bearer tokens from the featurebank-tokens Secret, mounted read-only and not optional (a missing Secret stops the pod from starting); nothing runs --insecure."""
+    objects = render(overlay)
+    container = server_container(objects)
+    pod = server_deployment(objects)["spec"]["template"]["spec"]
+    cfg = config_of(objects)
+    assert not server_config.is_loopback(cfg.host), "pods must listen beyond loopback for clients to connect"
+    assert cfg.tokens_file and not cfg.insecure
+    mount = next((m for m in container["volumeMounts"] if cfg.tokens_file.startswith(m["mountPath"].rstrip("/") + "/")), None)
+    assert mount is not None, f"no volume is mounted at {cfg.tokens_file}"
+    assert mount.get("readOnly") is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "featurebank-tokens"
+    assert volume["secret"].get("optional", False) is False, "a missing tokens Secret must stop the pod, not start it open"
+    key = cfg.tokens_file[len(mount["mountPath"].rstrip("/")) + 1:]
+    items = volume["secret"].get("items")
+    assert items is None or key in {i["path"] for i in items}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -401,7 +437,7 @@ def test_services_reach_the_server_pods(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_network_policy_admits_only_clients_and_prometheus(overlay):
-    """Ingress to the server reaches the gRPC port only from pods labelled featurebank-client=true and the metrics port only from the monitoring namespace; Redis only from the server."""
+    """Ingress to the server reaches the gRPC port only from pods labelled featurebank-client=true in namespaces listed by name, and the metrics port only from the monitoring namespace; Redis only from the server."""
     objects = render(overlay)
     labels = server_deployment(objects)["spec"]["template"]["metadata"]["labels"]
     container = server_container(objects)
@@ -418,6 +454,7 @@ def test_network_policy_admits_only_clients_and_prometheus(overlay):
     assert set(allowed) == {grpc_port, metrics_port}
     for peer in allowed[grpc_port]:
         assert peer["podSelector"]["matchLabels"] == {"featurebank-client": "true"}
+        assert client_namespaces(peer), "client namespaces are listed by name: an empty namespaceSelector admits every namespace"
     for peer in allowed[metrics_port]:
         assert "kubernetes.io/metadata.name" in peer["namespaceSelector"]["matchLabels"] and "podSelector" not in peer
 
