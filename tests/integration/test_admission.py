@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import pathlib
 
 import grpc
@@ -13,6 +14,8 @@ from featurebank.client import FeatureBank, FeatureBankError
 from featurebank.client.sdk import channel_options
 from featurebank.v1 import featurebank_pb2 as pb
 from support import TESTS_DIR, ServerProcess, random_images, wait_until
+
+logger = logging.getLogger(__name__)
 
 TOKEN = "admission-token-0123456789"
 EXTRACT = "/featurebank.v1.FeatureBank/Extract"
@@ -98,6 +101,7 @@ def test_unauthenticated_messages_are_refused_unread(tokens_server):
         with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
             answers = list(pool.map(call, calls))
         growth_bytes = (memory_kib(pid)["VmHWM"] - before) * 1024
+    logger.info("server peak RSS growth for %d unauthenticated 50 MB messages: %.1f MiB", len(calls), growth_bytes / 2**20)
     assert [code for code, _ in answers] == [grpc.StatusCode.UNAUTHENTICATED] * len(calls), answers
     assert any("bearer token" in details for _, details in answers)
     assert growth_bytes < BIG_BYTES, f"peak RSS grew by {growth_bytes / 2**20:.0f} MiB for {len(calls)} unread 50 MB messages"
