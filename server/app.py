@@ -165,8 +165,8 @@ class FeatureBankServer:
         for info in infos:
             logger.info("serving %s (fingerprint %s, layers %s)", info.name, info.fingerprint[:12],
                         ", ".join(l.name for l in info.layers))
-        logger.info("featurebank listening on %s:%d, metrics on :%d, health on :%d, cache %s", c.host, self.port,
-                    self.metrics_port, self.health_port, self.cache.name)
+        logger.info("featurebank listening on %s:%d, metrics on :%d%s, cache %s", c.host, self.port, self.metrics_port,
+                    f", health-only on :{self.health_port}" if self.health_port >= 0 else "", self.cache.name)
         self._write_port_file(ready=True)
 
     async def _start_health_server(self) -> None:

@@ -1,4 +1,4 @@
-"""The one place RPC errors become statuses, and where every RPC is counted and timed."""
+"""The one place callers are admitted (token, rate) before their request is read, RPC errors become statuses, and every RPC is counted and timed."""
 
 from __future__ import annotations
 
