@@ -7,6 +7,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import fnmatch
+import functools
 import logging
 import os
 import re
@@ -25,8 +26,9 @@ from featurebank.server.cache import FeatureCache
 from featurebank.server.errors import (
     FailedPreconditionError, FeatureBankError, InvalidArgumentError, NotFoundError, QueueFullError, UnavailableError,
 )
-from featurebank.server.heads import CompiledHead, DirectoryHeadStore, HeadStore
-from featurebank.server.heads import check_name as check_head_name
+from featurebank.server.head_store import DirectoryHeadStore, HeadStore
+from featurebank.server.heads import CompiledHead, CompiledHeadCache, HeadLimits
+from featurebank.server.heads import parse_ref as parse_head_ref
 from featurebank.server.keys import cache_key, cache_keys
 from featurebank.server.limits import current_gate, items_in_flight
 from featurebank.server.metrics import Metrics
@@ -51,6 +53,7 @@ _ACCEPTS = {"image": ("image", "tensor"), "text": ("text",), "tensor": ("tensor"
 HASH_OFFLOAD_BYTES = 64 * 1024  # inputs this large go to the threads...
 HASH_OFFLOAD_REQUEST_BYTES = 1024 * 1024  # ...when the request's large inputs add up to this
 HASH_THREADS = min(4, os.cpu_count() or 1)
+HEAD_THREADS = min(2, os.cpu_count() or 1)  # Predicts' head numpy (BLAS may add its own threads)
 
 
 @dataclasses.dataclass
@@ -106,7 +109,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     def __init__(self, backbones: dict[str, ServedBackbone], cache: FeatureCache, metrics: Metrics,
                  *, storage_dtype: str, max_items_per_request: int, max_tensor_elements: int = 50_000_000,
                  stream_window: int = 4, heads: HeadStore | None = None, shared_cache_backbones=(),
-                 claim_ttl_ms: int = 30_000):
+                 claim_ttl_ms: int = 30_000, head_limits: HeadLimits = HeadLimits(), heads_cache_bytes: int = 256 << 20):
         self.cache = cache
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
@@ -120,7 +123,9 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self._tasks: set[asyncio.Task] = set()
         self._hasher: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first large input
         self.heads = heads if heads is not None else DirectoryHeadStore(os.path.join(os.getcwd(), "featurebank-heads"))
-        self._compiled_heads: dict[tuple[str, int], CompiledHead] = {}
+        self.head_limits = head_limits
+        self._compiled_heads = CompiledHeadCache(heads_cache_bytes)
+        self._head_threads: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first head RPC
         # Single-flight: cache key -> the computation in flight for it, shared by every request.
         self.inflight: dict[str, PendingItem] = {}
         # The last few results released from single-flight: closes the window between a leader's
@@ -539,26 +544,47 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
 
     # ----------------------------------------------------------------------------- heads
 
-    async def _compiled_head(self, name: str, version: int) -> CompiledHead:
-        self._check_head(name)
-        head = await self.heads.get(name, version)
-        key = (head.name, head.version)
-        compiled = self._compiled_heads.get(key)
-        if compiled is None or compiled.head.created_unix_ms != head.created_unix_ms:
-            compiled = self._compiled_heads[key] = CompiledHead(head)
+    def _check_head(self, ref: str, *, write: bool = False) -> tuple[str, str, str]:
+        """(tenant, name, how the caller names it) of a head reference the caller may use.
+
+        ``NAME`` is the caller's own head, ``TENANT/NAME`` another tenant's (run and listed only,
+        where a ``heads`` pattern of the caller grants it); without tokens there is one namespace.
+        """
+        owner, name = parse_head_ref(ref)
+        tenant = current_tenant.get()
+        if tenant is None:
+            if owner is not None:
+                raise InvalidArgumentError(f"head {ref!r}: TENANT/NAME needs tenants (--tokens-file); name the head alone")
+            return "", name, name
+        owner = tenant.name if owner is None else owner
+        tenant.check_head(owner, name, write=write)
+        return owner, name, name if owner == tenant.name else f"{owner}/{name}"
+
+    async def _run_head(self, fn, *args):
+        """Head numpy (compiling, predicting) runs in threads: the event loop keeps serving meanwhile."""
+        if self._head_threads is None:
+            self._head_threads = concurrent.futures.ThreadPoolExecutor(HEAD_THREADS, thread_name_prefix="fb-heads")
+        return await asyncio.get_running_loop().run_in_executor(self._head_threads, functools.partial(fn, *args))
+
+    async def _compiled_head(self, owner: str, name: str, version: int) -> CompiledHead:
+        version = await self.heads.resolve(owner, name, version)  # also sees another replica's delete
+        compiled = self._compiled_heads.get((owner, name, version))
+        if compiled is None:
+            head = await self.heads.read(owner, name, version)
+            if head is None:
+                raise NotFoundError(f"no head {name!r} version {version}")
+            compiled = await self._run_head(CompiledHead, head, self.head_limits)
+            self._compiled_heads.put((owner, name, version), compiled)
         return compiled
 
-    @staticmethod
-    def _check_head(name: str) -> None:
-        tenant = current_tenant.get()
-        if tenant is not None:
-            tenant.check_head(name)
-
     async def PutHead(self, request: pb.PutHeadRequest, context) -> pb.HeadInfo:
-        self._check_head(request.head.name)
+        owner, name, shown = self._check_head(request.head.name, write=True)
+        if request.head.version < 0:
+            raise InvalidArgumentError("head version must be >= 0 (0: the next one)")
         head = pb.Head()
         head.CopyFrom(request.head)
-        compiled = CompiledHead(head)  # validates before anything is stored
+        head.name = name
+        compiled = await self._run_head(CompiledHead, head, self.head_limits)  # validates before anything is stored
         served = self.backbones.get(head.backbone)
         if served is not None:
             dim = served.layers.get(head.layer)
@@ -569,47 +595,56 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                     f"head takes {compiled.input_dim} features but {head.backbone}/{head.layer} gives {int(np.prod(dim))}")
         if not head.created_unix_ms:
             head.created_unix_ms = int(time.time() * 1000)
-        stored = await self.heads.put(head)
-        self._compiled_heads.pop((stored.name, stored.version), None)
-        logger.info("stored head %s v%d (%s on %s/%s)", stored.name, stored.version, stored.kind, stored.backbone, stored.layer)
-        return CompiledHead(stored).info()
+        head.version = await self.heads.create(owner, head)
+        self._compiled_heads.put((owner, name, head.version), compiled)  # write-once: this is that version for good
+        logger.info("stored head %s v%d (%s on %s/%s, %d parameters)%s", name, head.version, head.kind, head.backbone,
+                    head.layer, compiled.parameters, f" of tenant {owner}" if owner else "")
+        return compiled.info(shown)
 
     async def ListHeads(self, request: pb.ListHeadsRequest, context) -> pb.ListHeadsResponse:
         response = pb.ListHeadsResponse()
-        tenant = current_tenant.get()
-        for name in [request.name] if request.name else await self.heads.names():
-            if tenant is not None and not request.name and not any(fnmatch.fnmatchcase(name, p) for p in tenant.heads):
-                continue  # list only what the caller may use
-            for version in await self.heads.versions(name):
-                response.heads.append((await self._compiled_head(name, version)).info())
+        if request.name:
+            owner, name, shown = self._check_head(request.name)  # validated before any store is asked
+            listed = [(owner, name, shown)]
+        else:  # the caller's own heads, then those it is granted: indexes, never a scan of the store
+            tenant = current_tenant.get()
+            owner = tenant.name if tenant is not None else ""
+            listed = [(owner, n, n) for n in await self.heads.names(owner)
+                      if tenant is None or tenant.may_use_head(owner, n)]
+            grants = tenant.head_grants if tenant is not None else ()
+            for other in await self.heads.owners() if grants else ():
+                if other != owner and any(fnmatch.fnmatchcase(other, g.partition("/")[0]) for g in grants):
+                    listed += [(other, n, f"{other}/{n}") for n in await self.heads.names(other)
+                               if tenant.may_use_head(other, n)]
+        for owner, name, shown in listed:
+            for info in await self.heads.infos(owner, name):
+                info.name = shown
+                response.heads.append(info)
         return response
 
     async def DeleteHead(self, request: pb.DeleteHeadRequest, context) -> pb.DeleteHeadResponse:
-        check_head_name(request.name)
-        self._check_head(request.name)
-        versions = [request.version] if request.version else await self.heads.versions(request.name)
-        deleted = 0
-        for v in versions:
-            deleted += await self.heads.remove(request.name, v)
-            self._compiled_heads.pop((request.name, v), None)
+        owner, name, _ = self._check_head(request.name, write=True)
+        deleted = await self.heads.remove(owner, name, request.version)
+        self._compiled_heads.discard(owner, name, request.version)
         if not deleted:
             raise NotFoundError(f"no head {request.name!r}" + (f" version {request.version}" if request.version else ""))
         return pb.DeleteHeadResponse(deleted=deleted)
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        compiled = await self._compiled_head(request.head, request.version)
+        owner, name, shown = self._check_head(request.head)
+        compiled = await self._compiled_head(owner, name, request.version)
         head = compiled.head
         served = self.backbones.get(head.backbone)
         if served is None:
-            raise FailedPreconditionError(f"head {head.name!r} needs backbone {head.backbone!r}, which this server does not serve")
+            raise FailedPreconditionError(f"head {shown!r} needs backbone {head.backbone!r}, which this server does not serve")
         if served.info.fingerprint != head.backbone_fingerprint:
             raise FailedPreconditionError(
-                f"head {head.name!r} v{head.version} was trained on {head.backbone} fingerprint "
+                f"head {shown!r} v{head.version} was trained on {head.backbone} fingerprint "
                 f"{head.backbone_fingerprint[:16]}, but the served one is {served.info.fingerprint[:16]}: retrain it")
         start = time.perf_counter()
         extracted = await self.extract(pb.ExtractRequest(backbone=head.backbone, layer=head.layer, inputs=request.inputs,
                                                          cache_policy=request.cache_policy), context)
-        response = pb.PredictResponse(head=head.name, version=head.version)
+        response = pb.PredictResponse(head=shown, version=head.version)
         ok = []
         for r in extracted.results:
             p = response.predictions.add(key=r.key, cache_hit=r.cache_hit)
@@ -618,13 +653,17 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             else:
                 ok.append((p, tensors.from_proto(r.features).reshape(-1)))
         if ok:
-            probs = compiled.predict(np.stack([x for _, x in ok]).astype(np.float32))
+            features = np.stack([x for _, x in ok]).astype(np.float32)
+            if features.shape[1] != compiled.input_dim:
+                raise FailedPreconditionError(f"head {shown!r} v{head.version} takes {compiled.input_dim} features but "
+                                              f"{head.backbone}/{head.layer} gives {features.shape[1]}")
+            probs = await self._run_head(compiled.predict, features)
             names = list(head.class_names)
             for (p, _), row in zip(ok, probs):
                 tensors.to_proto(row, p.probabilities)
                 p.label_index = int(row.argmax())
                 p.label = names[p.label_index] if p.label_index < len(names) else str(p.label_index)
-        labels = (head.name, str(head.version))
+        labels = (f"{owner}/{name}" if owner else name, str(head.version))
         self.metrics.head_predictions.labels(*labels).inc(len(ok))
         self.metrics.head_duration.labels(*labels).observe(time.perf_counter() - start)
         return response
