@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from featurebank.v1 import featurebank_pb2 as pb
