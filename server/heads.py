@@ -45,6 +45,7 @@ _ERFC_Q = (1.0, 1.32281951154744992508e1, 8.67072140885989742329e1, 3.5493777888
            1.65666309194161350182e3, 5.57535340817727675546e2)
 # From here on erfc(x) < 2e-17: 1 - erfc(x) rounds to 1 in float64.
 _ERF_ONE_FROM = 6.0
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
 
 
 def _horner(coefficients: tuple[float, ...], x: np.ndarray) -> np.ndarray:
@@ -55,22 +56,34 @@ def _horner(coefficients: tuple[float, ...], x: np.ndarray) -> np.ndarray:
     return y
 
 
+# erf runs over blocks of this many elements: its ~40 numpy passes then stay in the CPU cache,
+# about 3x faster than passes over a whole 4 M-element activation.
+ERF_BLOCK = 8192
+
+
+def _erf_block(x: np.ndarray) -> np.ndarray:
+    a = np.abs(x)
+    xs = np.clip(x, -1.0, 1.0)  # the |x| <= 1 branch, kept finite where it is not used
+    z = xs * xs
+    small = xs * _horner(_ERF_T, z) / _horner(_ERF_U, z)
+    am = np.minimum(a, _ERF_ONE_FROM)  # beyond it (and for +-inf) erfc is 0 in float64
+    erfc = _horner(_ERFC_P, am)
+    erfc /= _horner(_ERFC_Q, am)
+    erfc *= np.exp(-am * am)
+    return np.where(a <= 1.0, small, np.copysign(1.0 - erfc, x))
+
+
+def _blockwise(fn, x: np.ndarray) -> np.ndarray:
+    flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    out = np.empty_like(flat)
+    for i in range(0, flat.size, ERF_BLOCK):
+        out[i:i + ERF_BLOCK] = fn(flat[i:i + ERF_BLOCK])
+    return out.reshape(np.shape(x))
+
+
 def erf(x: np.ndarray) -> np.ndarray:
     """The error function, elementwise and vectorised, in float64 (NaN stays NaN, +-inf gives +-1)."""
-    x = np.asarray(x, dtype=np.float64)
-    a = np.abs(x)
-    out = np.sign(x)  # |x| >= 6 (and +-inf): +-1
-    small = a <= 1.0
-    xs = x[small]
-    z = xs * xs
-    out[small] = xs * _horner(_ERF_T, z) / _horner(_ERF_U, z)
-    mid = (a > 1.0) & (a < _ERF_ONE_FROM)
-    xm = a[mid]
-    erfc = _horner(_ERFC_P, xm)
-    erfc /= _horner(_ERFC_Q, xm)
-    erfc *= np.exp(-xm * xm)
-    out[mid] = np.copysign(1.0 - erfc, x[mid])
-    return out
+    return _blockwise(_erf_block, x)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -78,10 +91,13 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _gelu_block(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + _erf_block(x * _SQRT_HALF))
+
+
 def _gelu(x: np.ndarray) -> np.ndarray:
     """Exact (erf) GELU, Keras' default."""
-    x64 = x.astype(np.float64)
-    return (0.5 * x64 * (1.0 + erf(x64 * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
+    return _blockwise(_gelu_block, x).astype(x.dtype)
 
 
 ACTIVATIONS = {
