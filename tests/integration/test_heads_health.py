@@ -20,8 +20,9 @@ HEALTH_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
-def server():
-    s = ServerProcess("--backbone", "toy", "--max-head-parameters", str(WIDE_PARAMETERS), "--max-head-width", "4096").start()
+def server(tmp_path_factory):
+    s = ServerProcess("--backbone", "toy", "--max-head-parameters", str(WIDE_PARAMETERS), "--max-head-width", "4096",
+                      "--heads-dir", str(tmp_path_factory.mktemp("heads"))).start()
     yield s
     assert s.terminate() == 0
 
