@@ -376,5 +376,5 @@ def open_head_store(config) -> HeadStore:
     if config.heads_redis_url:
         return RedisHeadStore(config.heads_redis_url, timeout_s, flag="--heads-redis-url")
     if config.redis_url:
-        return RedisHeadStore(config.redis_url, timeout_s, flag="--heads-redis-url (heads now share --redis-url)")
+        return RedisHeadStore(config.redis_url, timeout_s, flag="--heads-redis-url (without it heads live in the --redis-url Redis)")
     return DirectoryHeadStore(config.heads_path)
