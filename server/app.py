@@ -18,7 +18,8 @@ from featurebank.server.auth import TokenAuthenticator, server_credentials
 from featurebank.server.batching import DynamicBatcher
 from featurebank.server.cache import FeatureCache, LRUCache, RedisCache
 from featurebank.server.config import ServerConfig, is_loopback
-from featurebank.server.heads import DirectoryHeadStore, RedisHeadStore
+from featurebank.server.head_store import open_head_store
+from featurebank.server.heads import HeadLimits
 from featurebank.server.interceptors import StatusInterceptor
 from featurebank.server.metrics import Metrics
 from featurebank.server.servicer import FeatureBankServicer, ServedBackbone
@@ -59,8 +60,7 @@ class FeatureBankServer:
         self.config = config
         self.metrics = Metrics()
         self.cache = make_cache(config, self.metrics)
-        self.heads = (RedisHeadStore(config.redis_url, config.redis_timeout_ms / 1000.0) if config.redis_url
-                      else DirectoryHeadStore(config.heads_path))
+        self.heads = open_head_store(config)
         self.health = health.aio.HealthServicer()
         self.pools: dict[str, WorkerPool] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
@@ -93,6 +93,7 @@ class FeatureBankServer:
     async def start(self) -> None:
         """Spawn the workers, open the ports (health NOT_SERVING), wait for every worker, SERVING."""
         c = self.config
+        await self.heads.start()  # refuses a heads Redis that evicts, before workers take minutes to load
         self._make_pools()
         for pool in self.pools.values():
             pool.spawn()  # workers load their backbones while the rest starts
@@ -145,6 +146,8 @@ class FeatureBankServer:
         self.servicer = FeatureBankServicer({}, self.cache, self.metrics, storage_dtype=c.cache_dtype,
                                             max_items_per_request=c.max_items_per_request,
                                             stream_window=c.stream_window, heads=self.heads,
+                                            head_limits=HeadLimits(c.max_head_parameters, c.max_head_width),
+                                            heads_cache_bytes=c.heads_cache_bytes,
                                             shared_cache_backbones=[b for b in c.shared_cache_backbones.split(",") if b])
         self.servicer.max_text_bytes = c.max_text_bytes
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(self.servicer, self.server)
@@ -204,6 +207,7 @@ class FeatureBankServer:
             await self.health_server.stop(0)
         await self._close_pools()
         await self.cache.close()
+        await self.heads.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         self._stopped.set()

@@ -43,9 +43,25 @@ class Tenant:
         if not any(fnmatch.fnmatchcase(backbone, p) for p in self.backbones):
             raise PermissionDeniedError(f"tenant {self.name!r} may not use backbone {backbone!r}")
 
-    def check_head(self, head: str) -> None:
-        if not any(fnmatch.fnmatchcase(head, p) for p in self.heads):
-            raise PermissionDeniedError(f"tenant {self.name!r} may not use head {head!r}")
+    def may_use_head(self, owner: str, name: str, *, write: bool = False) -> bool:
+        """Heads belong to a tenant. In ``heads``, patterns without '/' limit the names of this
+        tenant's own heads (none, as with an omitted or empty list: any name); ``TENANT/NAME``
+        patterns let it run and list, never put or delete, heads of the tenants they match."""
+        if owner == self.name:
+            own = [p for p in self.heads if "/" not in p]
+            return not own or any(fnmatch.fnmatchcase(name, p) for p in own)
+        return not write and any(fnmatch.fnmatchcase(f"{owner}/{name}", p) for p in self.heads if "/" in p)
+
+    def check_head(self, owner: str, name: str, *, write: bool = False) -> None:
+        if not self.may_use_head(owner, name, write=write):
+            what = name if owner == self.name else f"{owner}/{name}"
+            raise PermissionDeniedError(f"tenant {self.name!r} may not {'change' if write else 'use'} head {what!r}"
+                                        + (": only a head's own tenant writes it" if write and owner != self.name else ""))
+
+    @property
+    def head_grants(self) -> tuple[str, ...]:
+        """The TENANT/NAME patterns: other tenants' heads this tenant may run."""
+        return tuple(p for p in self.heads if "/" in p)
 
 
 # The tenant of the RPC being handled (None when the server runs without tokens).

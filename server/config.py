@@ -76,8 +76,13 @@ class ServerConfig:
     max_concurrent_streams: int = _field(32, "RPCs at once on one client connection (HTTP/2 "
                                          "SETTINGS_MAX_CONCURRENT_STREAMS); further calls wait in the client")
     max_image_pixels: int = _field(40_000_000, "largest decoded image (width x height), checked before decoding")
-    heads_dir: str = _field("", "where heads persist without Redis (default $XDG_DATA_HOME/featurebank/heads); "
-                            "with --redis-url they live in Redis, shared by every replica")
+    heads_dir: str = _field("", "where heads persist without a heads Redis (default $XDG_DATA_HOME/featurebank/heads)")
+    heads_redis_url: str = _field("", "Redis URL for served heads, shared by every replica; give it maxmemory-policy "
+                                  "noeviction and appendonly yes. Empty: the --redis-url Redis (the server refuses to "
+                                  "start if its policy is allkeys-*, which evicts heads), else --heads-dir")
+    max_head_parameters: int = _field(4_000_000, "most parameters (kernels + biases) of a head PutHead accepts")
+    max_head_width: int = _field(4096, "most units of any one layer of a head PutHead accepts")
+    heads_cache_bytes: int = _field(256 * 1024 * 1024, "byte budget of compiled heads kept in memory (least recently used out)")
     stream_window: int = _field(4, "request messages of one ExtractStream worked on at a time")
     tls_cert_file: str = _field("", "PEM certificate for TLS on the gRPC port (with --tls-key-file)")
     tls_key_file: str = _field("", "PEM private key for TLS")
@@ -118,6 +123,9 @@ class ServerConfig:
             ("max_concurrent_streams", 1 <= self.max_concurrent_streams <= 100_000, "1..100000"),
             ("health_port", -1 <= self.health_port <= 65535, "-1..65535"),
             ("max_image_pixels", self.max_image_pixels >= 1, ">= 1"),
+            ("max_head_parameters", 1 <= self.max_head_parameters <= 500_000_000, "1..500000000"),
+            ("max_head_width", 1 <= self.max_head_width <= 1 << 20, "1..1048576"),
+            ("heads_cache_bytes", self.heads_cache_bytes >= 0, ">= 0"),
             ("grace_period_s", self.grace_period_s >= 0, ">= 0"),
             ("stream_window", 1 <= self.stream_window <= 64, "1..64"),
             ("max_connection_age_s", self.max_connection_age_s >= 1, ">= 1"),

@@ -25,8 +25,9 @@ from featurebank.server.cache import FeatureCache
 from featurebank.server.errors import (
     FailedPreconditionError, FeatureBankError, InvalidArgumentError, NotFoundError, QueueFullError, UnavailableError,
 )
-from featurebank.server.heads import CompiledHead, DirectoryHeadStore, HeadStore
-from featurebank.server.heads import check_name as check_head_name
+from featurebank.server.head_rpcs import HeadRPCs
+from featurebank.server.head_store import DirectoryHeadStore, HeadStore
+from featurebank.server.heads import CompiledHeadCache, HeadLimits
 from featurebank.server.keys import cache_key, cache_keys
 from featurebank.server.limits import current_gate, items_in_flight
 from featurebank.server.metrics import Metrics
@@ -100,7 +101,7 @@ def _cached_to_proto(value: bytes, header: codec.Header, want: int, out_dtype: n
         tensors.to_proto(codec.to_array(value, header).astype(out_dtype, copy=False), out)
 
 
-class FeatureBankServicer(pb_grpc.FeatureBankServicer):
+class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
     """Extract / Lookup / ListBackbones over the served backbones, the cache and the batchers."""
 
     # Largest text input in UTF-8 bytes (the server sets --max-text-bytes).
@@ -109,7 +110,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     def __init__(self, backbones: dict[str, ServedBackbone], cache: FeatureCache, metrics: Metrics,
                  *, storage_dtype: str, max_items_per_request: int, max_tensor_elements: int = 50_000_000,
                  stream_window: int = 4, heads: HeadStore | None = None, shared_cache_backbones=(),
-                 claim_ttl_ms: int = 30_000):
+                 claim_ttl_ms: int = 30_000, head_limits: HeadLimits = HeadLimits(), heads_cache_bytes: int = 256 << 20):
         self.cache = cache
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
@@ -123,7 +124,9 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self._tasks: set[asyncio.Task] = set()
         self._hasher: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first large input
         self.heads = heads if heads is not None else DirectoryHeadStore(os.path.join(os.getcwd(), "featurebank-heads"))
-        self._compiled_heads: dict[tuple[str, int], CompiledHead] = {}
+        self.head_limits = head_limits
+        self._compiled_heads = CompiledHeadCache(heads_cache_bytes)
+        self._head_threads: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first head RPC
         # Single-flight: cache key -> the computation in flight for it, shared by every request.
         self.inflight: dict[str, PendingItem] = {}
         # The last few results released from single-flight: closes the window between a leader's
@@ -544,98 +547,6 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             self.metrics.items.labels(served.info.name, layer, "hit").inc(hits)
         if len(valid) > hits:
             self.metrics.lookup_not_found.labels(served.info.name, layer).inc(len(valid) - hits)
-        return response
-
-    # ----------------------------------------------------------------------------- heads
-
-    async def _compiled_head(self, name: str, version: int) -> CompiledHead:
-        self._check_head(name)
-        head = await self.heads.get(name, version)
-        key = (head.name, head.version)
-        compiled = self._compiled_heads.get(key)
-        if compiled is None or compiled.head.created_unix_ms != head.created_unix_ms:
-            compiled = self._compiled_heads[key] = CompiledHead(head)
-        return compiled
-
-    @staticmethod
-    def _check_head(name: str) -> None:
-        tenant = current_tenant.get()
-        if tenant is not None:
-            tenant.check_head(name)
-
-    async def PutHead(self, request: pb.PutHeadRequest, context) -> pb.HeadInfo:
-        self._check_head(request.head.name)
-        head = pb.Head()
-        head.CopyFrom(request.head)
-        compiled = CompiledHead(head)  # validates before anything is stored
-        served = self.backbones.get(head.backbone)
-        if served is not None:
-            dim = served.layers.get(head.layer)
-            if dim is None:
-                raise NotFoundError(f"backbone {head.backbone!r} has no layer {head.layer!r}")
-            if int(np.prod(dim)) != compiled.input_dim:
-                raise InvalidArgumentError(
-                    f"head takes {compiled.input_dim} features but {head.backbone}/{head.layer} gives {int(np.prod(dim))}")
-        if not head.created_unix_ms:
-            head.created_unix_ms = int(time.time() * 1000)
-        stored = await self.heads.put(head)
-        self._compiled_heads.pop((stored.name, stored.version), None)
-        logger.info("stored head %s v%d (%s on %s/%s)", stored.name, stored.version, stored.kind, stored.backbone, stored.layer)
-        return CompiledHead(stored).info()
-
-    async def ListHeads(self, request: pb.ListHeadsRequest, context) -> pb.ListHeadsResponse:
-        response = pb.ListHeadsResponse()
-        tenant = current_tenant.get()
-        for name in [request.name] if request.name else await self.heads.names():
-            if tenant is not None and not request.name and not any(fnmatch.fnmatchcase(name, p) for p in tenant.heads):
-                continue  # list only what the caller may use
-            for version in await self.heads.versions(name):
-                response.heads.append((await self._compiled_head(name, version)).info())
-        return response
-
-    async def DeleteHead(self, request: pb.DeleteHeadRequest, context) -> pb.DeleteHeadResponse:
-        check_head_name(request.name)
-        self._check_head(request.name)
-        versions = [request.version] if request.version else await self.heads.versions(request.name)
-        deleted = 0
-        for v in versions:
-            deleted += await self.heads.remove(request.name, v)
-            self._compiled_heads.pop((request.name, v), None)
-        if not deleted:
-            raise NotFoundError(f"no head {request.name!r}" + (f" version {request.version}" if request.version else ""))
-        return pb.DeleteHeadResponse(deleted=deleted)
-
-    async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        compiled = await self._compiled_head(request.head, request.version)
-        head = compiled.head
-        served = self.backbones.get(head.backbone)
-        if served is None:
-            raise FailedPreconditionError(f"head {head.name!r} needs backbone {head.backbone!r}, which this server does not serve")
-        if served.info.fingerprint != head.backbone_fingerprint:
-            raise FailedPreconditionError(
-                f"head {head.name!r} v{head.version} was trained on {head.backbone} fingerprint "
-                f"{head.backbone_fingerprint[:16]}, but the served one is {served.info.fingerprint[:16]}: retrain it")
-        start = time.perf_counter()
-        extracted = await self.extract(pb.ExtractRequest(backbone=head.backbone, layer=head.layer, inputs=request.inputs,
-                                                         cache_policy=request.cache_policy), context)
-        response = pb.PredictResponse(head=head.name, version=head.version)
-        ok = []
-        for r in extracted.results:
-            p = response.predictions.add(key=r.key, cache_hit=r.cache_hit)
-            if r.HasField("error"):
-                p.error.CopyFrom(r.error)
-            else:
-                ok.append((p, tensors.from_proto(r.features).reshape(-1)))
-        if ok:
-            probs = compiled.predict(np.stack([x for _, x in ok]).astype(np.float32))
-            names = list(head.class_names)
-            for (p, _), row in zip(ok, probs):
-                tensors.to_proto(row, p.probabilities)
-                p.label_index = int(row.argmax())
-                p.label = names[p.label_index] if p.label_index < len(names) else str(p.label_index)
-        labels = (head.name, str(head.version))
-        self.metrics.head_predictions.labels(*labels).inc(len(ok))
-        self.metrics.head_duration.labels(*labels).observe(time.perf_counter() - start)
         return response
 
     async def ListBackbones(self, request: pb.ListBackbonesRequest, context) -> pb.ListBackbonesResponse:

@@ -556,6 +556,42 @@ def test_redis_is_a_bounded_lru_cache_with_secret_password(overlay):
     assert not of_kind(objects, "Secret"), "secrets are created by the operator (deploy/README.md), never rendered from git"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_heads_live_in_a_redis_that_never_evicts_and_appends_to_a_volume(overlay):
+    """The server's FEATUREBANK_HEADS_REDIS_URL (from the featurebank-heads-redis Secret) names a StatefulSet Redis of its own with maxmemory-policy noeviction and appendonly yes into a PersistentVolumeClaim, AOF-rewrite headroom in its memory limit, reachable only from the server pods."""
+    objects = render(overlay)
+    heads = one(objects, "StatefulSet", "featurebank-heads-redis")
+    cache = one(objects, "StatefulSet", "featurebank-redis")
+    pod = heads["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    config_volume = next(v for v in pod["volumes"] if "configMap" in v)
+    conf = "\n".join(one(objects, "ConfigMap", config_volume["configMap"]["name"])["data"].values())
+    settings = dict(line.split(None, 1) for line in conf.splitlines() if line.strip() and not line.startswith("#"))
+    assert settings["maxmemory-policy"] == "noeviction", "the server refuses a heads Redis that evicts (allkeys-*)"
+    assert settings["appendonly"] == "yes" and settings["appendfsync"] in ("always", "everysec")
+    assert quantity(container["resources"]["limits"]["memory"]) >= 2 * redis_bytes(settings["maxmemory"]), "an AOF rewrite forks"
+    data_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == settings["dir"])
+    claims = {c["metadata"]["name"] for c in heads["spec"].get("volumeClaimTemplates", [])}
+    assert data_mount["name"] in claims, "the append-only file must live on a PersistentVolumeClaim, not an emptyDir"
+    assert "--requirepass" in container["args"]
+    assert {v["valueFrom"]["secretKeyRef"]["name"] for v in container["env"] if "valueFrom" in v} == {"featurebank-heads-redis"}
+
+    url = next(v for v in server_container(objects)["env"] if v["name"] == "FEATUREBANK_HEADS_REDIS_URL")
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "featurebank-heads-redis", "key": "url"}
+    heads_labels = heads["spec"]["template"]["metadata"]["labels"]
+    cache_labels = cache["spec"]["template"]["metadata"]["labels"]
+    for service in of_kind(objects, "Service"):  # no Service mixes the two: heads never land in the cache
+        selector = service["spec"]["selector"]
+        assert not (selects(selector, heads_labels) and selects(selector, cache_labels)), service["metadata"]["name"]
+    assert selects(one(objects, "Service", "featurebank-heads-redis")["spec"]["selector"], heads_labels)
+    server_labels = server_deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    policies = [p for p in of_kind(objects, "NetworkPolicy") if selects(p["spec"]["podSelector"]["matchLabels"], heads_labels)]
+    assert len(policies) == 1
+    for rule in policies[0]["spec"]["ingress"]:
+        for peer in rule["from"]:
+            assert selects(peer["podSelector"]["matchLabels"], server_labels) and "namespaceSelector" not in peer
+
+
 # ---------------------------------------------------------------- metric names everywhere
 
 
