@@ -21,6 +21,7 @@ from featurebank.server.config import ServerConfig
 from featurebank.server.heads import DirectoryHeadStore, RedisHeadStore
 from featurebank.server.interceptors import StatusInterceptor
 from featurebank.server.metrics import Metrics
+from featurebank.server.ports import PortInUseError, check_free
 from featurebank.server.servicer import FeatureBankServicer, ServedBackbone
 from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 from featurebank.workers.pool import WorkerPool
@@ -86,6 +87,9 @@ class FeatureBankServer:
     async def start(self) -> None:
         """Spawn the workers, open the ports (health NOT_SERVING), wait for every worker, SERVING."""
         c = self.config
+        check_free("gRPC", c.host, c.port, "--port")  # before any worker is spawned for nothing
+        if c.metrics_port > 0:
+            check_free("metrics", "0.0.0.0", c.metrics_port, "--metrics-port")
         self._make_pools()
         for pool in self.pools.values():
             pool.spawn()  # workers load their backbones while the rest starts
@@ -107,15 +111,23 @@ class FeatureBankServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{c.host}:{c.port}"
-        if c.tls_cert_file:
-            self.port = self.server.add_secure_port(
-                address, server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file))
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not bind {c.host}:{c.port}")
+        try:  # a port taken since check_free: the same one-line error, and no workers left behind
+            if c.tls_cert_file:
+                self.port = self.server.add_secure_port(
+                    address, server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file))
+            else:
+                self.port = self.server.add_insecure_port(address)
+            if self.port == 0:
+                raise RuntimeError(f"could not bind {address}")
+        except RuntimeError:
+            await self._close_pools()
+            raise PortInUseError("gRPC", c.host, c.port, "--port") from None
         if c.metrics_port >= 0:
-            self._metrics_http, _ = start_http_server(c.metrics_port, registry=self.metrics.registry)
+            try:
+                self._metrics_http, _ = start_http_server(c.metrics_port, registry=self.metrics.registry)
+            except OSError as e:
+                await self._close_pools()
+                raise PortInUseError("metrics", "0.0.0.0", c.metrics_port, "--metrics-port", e.strerror or "") from None
             self.metrics_port = self._metrics_http.server_port
         # The port opens before the workers are warm, so probes can see NOT_SERVING meanwhile;
         # FeatureBank RPCs answer UNAVAILABLE until then.
@@ -187,3 +199,4 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, _on_signal, sig)
     await server.start()
     await server.wait_closed()
+    logger.info("featurebank stopped")  # the last line: drained, workers and ports closed
