@@ -212,8 +212,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             f.write("index\tinput\tcode\tmessage\n")
             for index, error in failed:
                 f.write(f"{index}\t{names[index]}\t{error.code.name}\t{' '.join(error.message.split())}\n")
-        print(f"featurebank extract: {len(failed)} of {len(inputs)} inputs failed and are left out of {args.out}; "
-              f"they are listed in {report}", file=sys.stderr)
+        print(f"featurebank extract: {len(failed)} of {len(inputs)} inputs failed (left out of {args.out}, "
+              f"listed in {report})", file=sys.stderr)
     print(f"wrote {args.out}: {features.shape[0]} x {features.shape[1:]} {features.dtype}; "
           f"{hits} cache hits, {len(rows) - hits} computed")
     return 0
