@@ -24,7 +24,8 @@ def _bind_host(host: str) -> str:
 
 
 def check_free(what: str, host: str, port: int, flag: str) -> None:
-    """Raise PortInUseError if ``host:port`` cannot be bound now (port 0 always can).
+    """Raise PortInUseError if ``host:port`` is in use now (port 0 never is); any other bind
+    problem is left to the real bind, which knows its own fallbacks.
 
     Checked before workers are spawned, so a taken port costs nothing; the real bind can still
     lose a race, and is wrapped the same way.
@@ -33,15 +34,16 @@ def check_free(what: str, host: str, port: int, flag: str) -> None:
         return
     bind_host = _bind_host(host) or "::"
     try:
-        infos = socket.getaddrinfo(bind_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise PortInUseError(what, host, port, flag, f"not bindable ({e.strerror})") from None
-    family, kind, proto, _, address = infos[0]
-    with contextlib.closing(socket.socket(family, kind, proto)) as s:
+        family, kind, proto, _, address = socket.getaddrinfo(bind_host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        probe = socket.socket(family, kind, proto)
+    except OSError:  # an unresolvable host, no IPv6 here, ...: the real bind decides (gRPC falls back to IPv4)
+        return
+    with contextlib.closing(probe):
         # As gRPC and http.server do: a port left in TIME_WAIT by a stopped server is free.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(address)
+            probe.bind(address)
         except OSError as e:
-            reason = "already in use" if e.errno == errno.EADDRINUSE else f"not bindable ({e.strerror})"
-            raise PortInUseError(what, host, port, flag, reason) from None
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUseError(what, host, port, flag) from None
