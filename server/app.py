@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import json
 import logging
@@ -127,7 +128,8 @@ class FeatureBankServer:
                 self._metrics_http, _ = start_http_server(c.metrics_port, registry=self.metrics.registry)
             except OSError as e:
                 await self._close_pools()
-                raise PortInUseError("metrics", "0.0.0.0", c.metrics_port, "--metrics-port", e.strerror or "") from None
+                reason = "already in use" if e.errno == errno.EADDRINUSE else f"not bindable ({e.strerror})"
+                raise PortInUseError("metrics", "0.0.0.0", c.metrics_port, "--metrics-port", reason) from None
             self.metrics_port = self._metrics_http.server_port
         # The port opens before the workers are warm, so probes can see NOT_SERVING meanwhile;
         # FeatureBank RPCs answer UNAVAILABLE until then.
