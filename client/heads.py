@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -21,12 +22,28 @@ class HeadMismatchError(ValueError):
     """Features from another backbone, fingerprint or layer than the head was trained on."""
 
 
+class SmallDataWarning(UserWarning):
+    """Too few labels to hold out a validation split: the head trained on all of them, and its
+    metrics are training metrics."""
+
+
 def _keras():
     try:
         import keras
     except ImportError as e:  # the SDK's base install has no TensorFlow
         raise ImportError("training heads needs TensorFlow: pip install 'featurebank[train]'") from e
     return keras
+
+
+def _is_raw(x) -> bool:
+    """Raw inputs (text, encoded images, paths) rather than features."""
+    if isinstance(x, (str, bytes, bytearray, os.PathLike)):
+        return True
+    if isinstance(x, np.ndarray):
+        return x.dtype.kind in "USOV"
+    if isinstance(x, (list, tuple)) and x:
+        return isinstance(x[0], (str, bytes, bytearray, os.PathLike, pb.Input))
+    return False
 
 
 def build_model(kind: str, input_dim: int, num_classes: int, *, hidden_units: int = 256, l2: float = 1e-4,
@@ -51,7 +68,10 @@ class Head:
     Attributes:
         model: the Keras model (features in, class probabilities out).
         backbone, fingerprint, layer: the features it takes; others are refused.
-        class_names, kind, metrics (validation metrics at training time), history (per epoch).
+        class_names, kind, history (per epoch).
+        metrics: at training time, ``val_*`` on the held-out split, or ``train_*`` (training
+            metrics, not an estimate for new data) when there were too few labels to hold any out;
+            ``validation_examples`` says how many were held out (0: none).
     """
 
     def __init__(self, model, *, backbone: str, fingerprint: str, layer: str, class_names: list[str], kind: str,
@@ -69,6 +89,11 @@ class Head:
     def input_dim(self) -> int:
         return int(self.model.input_shape[-1])
 
+    @property
+    def validated(self) -> bool:
+        """Whether ``metrics`` were measured on held-out examples (``val_*``) rather than training ones."""
+        return self.metrics.get("validation_examples", 0) > 0 or any(k.startswith("val_") for k in self.metrics)
+
     @classmethod
     def train(cls, data: FeatureSet, *, head: str = "logistic", validation_split: float = 0.2, epochs: int = 200,
               batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0, patience: int = 10,
@@ -81,7 +106,11 @@ class Head:
         holdout would leave fewer than ``min_validation_per_class`` examples per class, every
         label is used for training instead (``small_data_steps`` full-batch Adam steps at a
         learning rate of at least 1e-2): a handful of validation examples would only make the
-        head worse, so ``metrics`` then has training accuracy only.
+        head worse, so ``metrics`` then has training accuracy only, and a SmallDataWarning says
+        so (unless ``validation_split=0`` asked for no validation).
+
+        Warns:
+            SmallDataWarning: validation was asked for but skipped.
 
         Raises:
             ValueError: no labels, fewer than two classes, or a bad option.
@@ -94,6 +123,14 @@ class Head:
             raise ValueError("training a head needs at least two classes")
         keras.utils.set_random_seed(seed)
         small = not validation_split or len(data) * validation_split / num_classes < min_validation_per_class
+        if small and validation_split:
+            warnings.warn(
+                f"validation skipped: {len(data)} labelled examples for {num_classes} classes leave fewer than "
+                f"{min_validation_per_class} a class to hold out with validation_split={validation_split:g}; trained "
+                f"on all {len(data)}, so head.metrics (train_accuracy, train_loss) are training metrics, not an "
+                f"estimate for new data. Label at least {int(np.ceil(min_validation_per_class * num_classes / validation_split))} "
+                f"examples, or measure on labelled data kept apart with head.evaluate(...)",
+                SmallDataWarning, stacklevel=2)
         train, val = (data, None) if small else data.split(validation_split, seed)
         x = train.features.reshape(len(train), -1).astype(np.float32)
         variance = x.var(0)
@@ -117,10 +154,19 @@ class Head:
         evaluated = result.evaluate(train if small else val)
         result.metrics = {f"{'train' if small else 'val'}_{k}": v for k, v in evaluated.items()}
         result.metrics["train_examples"] = float(len(train))
+        result.metrics["validation_examples"] = 0.0 if small else float(len(val))
         result.metrics["feature_cache_hit_ratio"] = float(data.hit_ratio)
         return result
 
     def _check(self, x) -> np.ndarray:
+        if not isinstance(x, FeatureSet) and _is_raw(x):
+            what = type(x).__name__ if isinstance(x, (str, bytes, os.PathLike, np.ndarray)) else \
+                f"a list of {type(next(iter(x))).__name__}"
+            raise TypeError(
+                f"Head.predict takes features ({self.input_dim}-d from {self.backbone}/{self.layer}), not raw inputs "
+                f"({what}). Pass bank= to fetch them: head.predict(inputs, bank=bank); or serve the head and call "
+                f"bank.predict(name, inputs); or fetch them first: bank.features(inputs, backbone={self.backbone!r}, "
+                f"layer={self.layer!r})")
         if isinstance(x, FeatureSet):
             for what, mine, theirs in (("backbone", self.backbone, x.backbone), ("fingerprint", self.fingerprint, x.fingerprint),
                                        ("layer", self.layer, x.layer)):
@@ -134,8 +180,22 @@ class Head:
             raise HeadMismatchError(f"this head takes {self.input_dim} features ({self.backbone}/{self.layer}), got {x.shape[1]}")
         return x
 
-    def predict(self, x) -> np.ndarray:
-        """Class probabilities (N, C) for a FeatureSet or an (N, D) array of the right features."""
+    def predict(self, x, *, bank=None) -> np.ndarray:
+        """Class probabilities (N, C), in the order of ``class_names``.
+
+        Args:
+            x: a FeatureSet or an (N, D) array of this head's features; or, with ``bank``, raw
+                inputs (text ``str``, image ``bytes``, ``pathlib.Path``, a folder or file as
+                ``bank.features`` takes them).
+            bank: a FeatureBank to fetch the features of raw inputs from, with this head's
+                backbone and layer (the fingerprint is checked as for a FeatureSet).
+
+        Raises:
+            TypeError: raw inputs without ``bank`` (the message says what to pass instead).
+            HeadMismatchError: features of another backbone, fingerprint, layer or size.
+        """
+        if bank is not None and not isinstance(x, FeatureSet) and _is_raw(x):
+            x = bank.features(x, backbone=self.backbone, layer=self.layer)
         return np.asarray(self.model.predict(self._check(x), verbose=0, batch_size=1024))
 
     def evaluate(self, data: FeatureSet) -> dict[str, float]:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import queue
+import warnings
 from typing import Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
 
-from featurebank.client import tensors
-from featurebank.client.errors import FeatureBankError, status_code
+from featurebank.client import planning
+from featurebank.client.errors import FeatureBankError
 from featurebank.client.inputs import to_input
+from featurebank.client.planning import LOOKUP_CHUNK, Call, Limits, drive, drive_async  # noqa: F401 (re-exported)
+from featurebank.client.results import HeadInfo, ItemOutcome, Prediction, outcomes, stack
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 
@@ -20,13 +23,6 @@ from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 DEFAULT_MAX_REQUEST_BYTES = 3 * 1024 * 1024
 DEFAULT_MAX_ITEMS_PER_REQUEST = 256
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Content keys per Lookup request: 32 bytes each, so 1,024 make a ~40 KB request.
-LOOKUP_CHUNK = 1024
-# A Lookup refused for these reasons (unknown backbone or layer, a server without Lookup) falls
-# back to Extract, which then reports the problem per request as it always did; any other
-# failure (overload, deadline, auth) is raised at once instead of costing a second call.
-_LOOKUP_FALLBACK_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
-                                    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED})
 
 # gRPC's own retry machinery: UNAVAILABLE (a restarting or draining server) is retried with
 # exponential backoff; everything else is the caller's decision.
@@ -56,98 +52,6 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
-
-
-@dataclasses.dataclass
-class ItemOutcome:
-    """One input's answer: features or an error, the content key, and whether it was a hit."""
-
-    index: int
-    key: str
-    cache_hit: bool
-    features: np.ndarray | None
-    error: FeatureBankError | None
-
-
-def _chunks(inputs: Sequence[pb.Input], max_items: int, max_bytes: int) -> Iterator[tuple[int, list[pb.Input]]]:
-    """Consecutive slices of inputs whose encoded size stays under max_bytes."""
-    start, size, chunk = 0, 0, []
-    for i, item in enumerate(inputs):
-        n = item.ByteSize() + 8
-        if chunk and (len(chunk) >= max_items or size + n > max_bytes):
-            yield start, chunk
-            start, size, chunk = i, 0, []
-        chunk.append(item)
-        size += n
-    if chunk:
-        yield start, chunk
-
-
-def _outcomes(response: pb.ExtractResponse, offset: int) -> list[ItemOutcome]:
-    out = []
-    for j, r in enumerate(response.results):
-        err = None
-        feats = None
-        if r.HasField("error"):
-            err = FeatureBankError(status_code(r.error.code), r.error.message, offset + j)
-        else:
-            feats = tensors.from_proto(r.features)
-        out.append(ItemOutcome(offset + j, r.key, r.cache_hit, feats, err))
-    return out
-
-
-def _place(outcomes: list[ItemOutcome], positions: Sequence[int], out: list) -> None:
-    """Put the outcomes of a request carrying some of the inputs back at their input positions."""
-    for o, i in zip(outcomes, positions):
-        o.index = i
-        if o.error is not None:
-            o.error.index = i
-        out[i] = o
-
-
-def _lookup_plan(msgs: Sequence[pb.Input]) -> dict[str, list[int]]:
-    """Content key -> input positions, for every input that has one (duplicates looked up once).
-
-    An input without a key (no payload, an unknown tensor dtype) is left out: it goes to Extract,
-    which answers it with its own error, as without lookup-first.
-    """
-    from featurebank.client.keys import input_key
-
-    positions: dict[str, list[int]] = {}
-    for i, m in enumerate(msgs):
-        try:
-            key = input_key(m)
-        except ValueError:
-            continue
-        positions.setdefault(key, []).append(i)
-    return positions
-
-
-def _lookup_requests(positions: dict[str, list[int]], backbone: str, layer: str,
-                     output_dtype: int) -> Iterator[tuple[list[str], pb.LookupRequest]]:
-    keys = list(positions)
-    for start in range(0, len(keys), LOOKUP_CHUNK):
-        chunk = keys[start:start + LOOKUP_CHUNK]
-        yield chunk, pb.LookupRequest(backbone=backbone, layer=layer, keys=chunk, output_dtype=output_dtype)
-
-
-def _take_hits(keys: list[str], response: pb.ExtractResponse, positions: dict[str, list[int]], out: list) -> None:
-    """Fill ``out`` with the Lookup hits (NOT_FOUND and anything else is left for Extract)."""
-    for key, r in zip(keys, response.results):
-        if r.HasField("error"):
-            continue
-        features = tensors.from_proto(r.features)
-        for i in positions[key]:
-            out[i] = ItemOutcome(i, key, True, features, None)
-
-
-def _stack(outcomes: list[ItemOutcome]) -> np.ndarray:
-    for o in outcomes:
-        if o.error is not None:
-            raise o.error
-    if not outcomes:
-        return np.zeros((0, 0), np.float32)
-    return np.stack([o.features for o in outcomes])
 
 
 def _read(path: str | None) -> bytes | None:
@@ -208,9 +112,14 @@ class FeatureBank:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method, request):
+    @property
+    def _limits(self) -> Limits:
+        return Limits(self.max_items_per_request, self.max_request_bytes)
+
+    def _send(self, call: Call):
+        """Make one unary RPC of a plan (see planning.py)."""
         try:
-            return method(request, timeout=self.timeout_s, metadata=self._metadata)
+            return getattr(self._stub, call.method)(call.request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise FeatureBankError.from_rpc_error(e) from None
 
@@ -230,27 +139,14 @@ class FeatureBank:
                 with ``cache_hit=True``. (Without a backbone name the server picks one by input
                 kind, which only ``Extract`` does: everything is sent.)
 
+        Returns:
+            one ItemOutcome (index, key, cache_hit, features, error) per input.
+
         Raises:
             FeatureBankError: the request as a whole failed (unknown backbone or layer, overload, ...).
         """
-        msgs = [to_input(x) for x in inputs]
-        out: list[ItemOutcome | None] = [None] * len(msgs)
-        if lookup_first and cache_policy == pb.USE and backbone and msgs:
-            positions = _lookup_plan(msgs)
-            for keys, request in _lookup_requests(positions, backbone, layer, output_dtype):
-                try:
-                    response = self._call(self._stub.Lookup, request)
-                except FeatureBankError as e:
-                    if e.code not in _LOOKUP_FALLBACK_CODES:
-                        raise  # overload, deadline, auth: Extract would fail the same way
-                    break  # e.g. an unknown backbone or layer: Extract reports it as it always did
-                _take_hits(keys, response, positions, out)
-        rest = [i for i, o in enumerate(out) if o is None]
-        for offset, chunk in _chunks([msgs[i] for i in rest], self.max_items_per_request, self.max_request_bytes):
-            request = pb.ExtractRequest(backbone=backbone, layer=layer, inputs=chunk, output_dtype=output_dtype,
-                                        cache_policy=cache_policy)
-            _place(_outcomes(self._call(self._stub.Extract, request), 0), rest[offset:offset + len(chunk)], out)
-        return out  # type: ignore[return-value]
+        return drive(planning.extract(inputs, self._limits, backbone=backbone, layer=layer, output_dtype=output_dtype,
+                                      cache_policy=cache_policy, lookup_first=lookup_first), self._send)
 
     def extract(self, inputs: Iterable, **kwargs) -> np.ndarray:
         """Features of every input as one (N, *shape) array.
@@ -263,7 +159,7 @@ class FeatureBank:
         Raises:
             FeatureBankError: the request failed, or an item failed (``.index`` says which).
         """
-        return _stack(self.extract_items(inputs, **kwargs))
+        return stack(self.extract_items(inputs, **kwargs))
 
     def lookup(self, keys: Sequence[str], *, backbone: str, layer: str = "", output_dtype: int = pb.FLOAT32) -> list[ItemOutcome]:
         """Cached features by content key; a key not cached has a NOT_FOUND error.
@@ -271,16 +167,11 @@ class FeatureBank:
         Returns:
             one ItemOutcome per key, in order.
         """
-        out: list[ItemOutcome] = []
-        for start in range(0, len(keys), LOOKUP_CHUNK):
-            request = pb.LookupRequest(backbone=backbone, layer=layer, keys=keys[start:start + LOOKUP_CHUNK],
-                                       output_dtype=output_dtype)
-            out.extend(_outcomes(self._call(self._stub.Lookup, request), start))
-        return out
+        return drive(planning.lookup(keys, backbone=backbone, layer=layer, output_dtype=output_dtype), self._send)
 
     def backbones(self) -> list[pb.BackboneInfo]:
         """The served backbones with their layers, shapes and fingerprints."""
-        return list(self._call(self._stub.ListBackbones, pb.ListBackbonesRequest()).backbones)
+        return drive(planning.backbones(), self._send)
 
     # ------------------------------------------------------------------------ streaming, datasets
 
@@ -288,85 +179,57 @@ class FeatureBank:
                 lookup_first: bool) -> Iterator[tuple[pb.ExtractResponse, list[ItemOutcome]]]:
         """(response, outcomes) per chunk of inputs over one ExtractStream, in input order.
 
-        Inputs are read lazily, chunk by chunk, as gRPC's flow control lets requests go out, so
-        a dataset of any size is never all in memory. With ``lookup_first`` each chunk's content
-        keys are looked up first and only the misses are uploaded (resuming a job re-sends
-        nothing the store already holds).
+        Inputs are read lazily, chunk by chunk (planning.chunks), as gRPC's flow control lets
+        requests go out, so a dataset of any size is never all in memory. With ``lookup_first``
+        each chunk's content keys are looked up first (planning.lookup_hits, as ``extract_items``
+        does) and only the misses are uploaded: resuming a job re-sends nothing the store holds.
         """
-        import queue
-
         # Chunks in order, as the request thread prepared them; bounded, so reading ahead stops.
-        chunks: queue.Queue = queue.Queue(maxsize=8)
-        resolved: dict[str, str] = {}
+        prepared: queue.Queue = queue.Queue(maxsize=8)
+        resolved: dict[str, str] = {}  # the backbone and layer the server picked, once known
 
         def requests():
             try:
-                offset, batch, size = 0, [], 0
-                for item in inputs:
-                    msg = to_input(item)
-                    n = msg.ByteSize() + 8
-                    if batch and (len(batch) >= self.max_items_per_request or size + n > self.max_request_bytes):
-                        yield from self._stream_chunk(offset, batch, chunks, backbone, layer, output_dtype,
-                                                      cache_policy, lookup_first, resolved)
-                        offset, batch, size = offset + len(batch), [], 0
-                    batch.append(msg)
-                    size += n
-                if batch:
-                    yield from self._stream_chunk(offset, batch, chunks, backbone, layer, output_dtype, cache_policy,
-                                                  lookup_first, resolved)
-                chunks.put(None)
-            except Exception as e:  # an unreadable input: end the stream and tell the reader why
-                chunks.put(e)
+                for offset, batch in planning.chunks((to_input(x) for x in inputs), self._limits):
+                    known: list[ItemOutcome | None] = [None] * len(batch)
+                    named = backbone or resolved.get("backbone", "")
+                    if planning.uses_lookup(lookup_first, cache_policy, named):
+                        last = drive(planning.lookup_hits(batch, known, backbone=named,
+                                                          layer=layer or resolved.get("layer", ""),
+                                                          output_dtype=output_dtype, base=offset), self._send)
+                        if last is not None:
+                            resolved.update(backbone=last.backbone, layer=last.layer,
+                                            backbone_fingerprint=last.backbone_fingerprint)
+                    misses = [j for j, k in enumerate(known) if k is None]
+                    prepared.put((offset, known, misses))
+                    if misses:
+                        yield planning.extract_request([batch[j] for j in misses], backbone=backbone, layer=layer,
+                                                       output_dtype=output_dtype, cache_policy=cache_policy)
+                prepared.put(None)
+            except Exception as e:  # an unreadable input or a failed Lookup: end the stream, tell the reader why
+                prepared.put(e)
 
         responses = self._stub.ExtractStream(requests(), metadata=self._metadata)
         try:
             while True:
-                item = chunks.get()
+                item = prepared.get()
                 if item is None:
                     return
                 if isinstance(item, Exception):
                     raise item
-                offset, known, index = item
-                if index is None:  # answered entirely by Lookup: no request was sent
+                offset, known, misses = item
+                if not misses:  # answered entirely by Lookup: no request was sent
                     yield pb.ExtractResponse(**resolved), known
                     continue
                 response = next(responses)
-                merged = list(known)
-                for j, o in zip(index, _outcomes(response, 0)):
-                    o.index = offset + j
-                    if o.error is not None:
-                        o.error.index = offset + j
-                    merged[j] = o
+                planning.place(outcomes(response), misses, known, base=offset)
                 resolved.update(backbone=response.backbone, layer=response.layer,
                                 backbone_fingerprint=response.backbone_fingerprint)
-                yield response, merged
+                yield response, known
         except grpc.RpcError as e:
             raise FeatureBankError.from_rpc_error(e) from None
         finally:
             responses.cancel()
-
-    def _stream_chunk(self, offset, batch, chunks, backbone, layer, output_dtype, cache_policy, lookup_first, resolved):
-        """Yield the request for one chunk (only its misses with lookup_first) and queue its bookkeeping."""
-        from featurebank.client.keys import input_key
-
-        known: list[ItemOutcome | None] = [None] * len(batch)
-        if lookup_first and cache_policy == pb.USE and (backbone or resolved.get("backbone")):
-            keys = [input_key(m) if m.WhichOneof("payload") else "" for m in batch]
-            response = self._call(self._stub.Lookup, pb.LookupRequest(
-                backbone=backbone or resolved["backbone"], layer=layer or resolved.get("layer", ""), keys=keys,
-                output_dtype=output_dtype))
-            resolved.update(backbone=response.backbone, layer=response.layer,
-                            backbone_fingerprint=response.backbone_fingerprint)
-            for j, o in enumerate(_outcomes(response, offset)):
-                if o.error is None:
-                    known[j] = o
-        index = [j for j, k in enumerate(known) if k is None]
-        if not index:
-            chunks.put((offset, known, None))
-            return
-        chunks.put((offset, known, index))
-        yield pb.ExtractRequest(backbone=backbone, layer=layer, inputs=[batch[j] for j in index],
-                                output_dtype=output_dtype, cache_policy=cache_policy)
 
     def extract_stream(self, inputs: Iterable, *, backbone: str = "", layer: str = "", output_dtype: int = pb.FLOAT32,
                        cache_policy: int = pb.USE, lookup_first: bool = False, progress: bool = False,
@@ -388,13 +251,13 @@ class FeatureBank:
             total = len(inputs)
         hits = seen = 0
         with tqdm(total=total, unit="item", disable=not progress, smoothing=0.1) as bar:
-            for _, outcomes in self._stream(inputs, backbone=backbone, layer=layer, output_dtype=output_dtype,
+            for _, items in self._stream(inputs, backbone=backbone, layer=layer, output_dtype=output_dtype,
                                             cache_policy=cache_policy, lookup_first=lookup_first):
-                for o in outcomes:
+                for o in items:
                     seen += 1
                     hits += o.cache_hit
                     yield o
-                bar.update(len(outcomes))
+                bar.update(len(items))
                 bar.set_postfix(hit_ratio=f"{hits / max(1, seen):.2f}", refresh=False)
 
     def features(self, data, labels=None, *, backbone: str = "", layer: str = "", text_column: str | None = None,
@@ -422,17 +285,17 @@ class FeatureBank:
         rows, keys, hits = [], [], 0
         meta = pb.ExtractResponse()
         with tqdm(total=len(inputs), unit="item", disable=not progress, smoothing=0.1) as bar:
-            for response, outcomes in self._stream(inputs, backbone=backbone, layer=layer, output_dtype=pb.FLOAT32,
+            for response, items in self._stream(inputs, backbone=backbone, layer=layer, output_dtype=pb.FLOAT32,
                                                    cache_policy=pb.USE, lookup_first=lookup_first):
                 if response.backbone_fingerprint:
                     meta = response
-                for o in outcomes:
+                for o in items:
                     if o.error is not None:
                         raise o.error
                     rows.append(o.features)
                     keys.append(o.key)
                     hits += o.cache_hit
-                bar.update(len(outcomes))
+                bar.update(len(items))
                 bar.set_postfix(hit_ratio=f"{hits / max(1, len(rows)):.2f}", refresh=False)
         return datasets.FeatureSet(features=np.stack(rows) if rows else np.zeros((0, 0), np.float32), labels=labels,
                                    class_names=class_names, keys=keys, backbone=meta.backbone,
@@ -458,44 +321,76 @@ class FeatureBank:
         Args:
             data, labels: as ``features``.
             head: "logistic" or "mlp".
-            validation_split: fraction held out (fixed seed) for early stopping and metrics.
+            validation_split: fraction held out (fixed seed) for early stopping and metrics. With
+                fewer than 20 held-out examples a class, every label trains instead, ``metrics``
+                are training metrics (``train_*``) and a SmallDataWarning says so.
 
         Returns:
             featurebank.client.heads.Head (``predict``, ``evaluate``, ``save``, ``load``).
+
+        Warns:
+            featurebank.client.heads.SmallDataWarning: validation was skipped.
         """
         from featurebank.client.heads import Head
 
         fs = self.features(data, labels, backbone=backbone, layer=layer, text_column=text_column,
                            label_column=label_column, progress=progress)
-        return Head.train(fs, head=head, validation_split=validation_split, epochs=epochs, **train_options)
+        # Head.train's warnings (SmallDataWarning) are re-issued at the caller's fit_head line.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trained = Head.train(fs, head=head, validation_split=validation_split, epochs=epochs, **train_options)
+        for w in caught:
+            warnings.warn(w.message, w.category, stacklevel=2)
+        return trained
 
     # ------------------------------------------------------------------------ served heads
 
-    def put_head(self, head, name: str, version: int = 0) -> pb.HeadInfo:
-        """Upload a trained Head (or a .keras head file) under a name; version 0 = the next one."""
-        from featurebank.client.heads import Head
+    def put_head(self, head, name: str, version: int = 0) -> HeadInfo:
+        """Upload a trained Head (or a .keras head file) to serve under a name.
 
-        if not isinstance(head, Head):
-            head = Head.load(head)
-        return self._call(self._stub.PutHead, pb.PutHeadRequest(head=head.to_proto(name, version)))
+        Args:
+            head: featurebank.client.heads.Head, or the path of a head saved with ``Head.save``.
+            name: the name to serve it under.
+            version: 0 for the next version of this name.
 
-    def list_heads(self, name: str = "") -> list[pb.HeadInfo]:
-        """Served heads (every version), optionally of one name."""
-        return list(self._call(self._stub.ListHeads, pb.ListHeadsRequest(name=name)).heads)
+        Returns:
+            HeadInfo of the stored version.
+        """
+        return drive(planning.put_head(_head_proto(head, name, version)), self._send)
+
+    def list_heads(self, name: str = "") -> list[HeadInfo]:
+        """Served heads (every version), optionally of one name, as HeadInfo."""
+        return drive(planning.list_heads(name), self._send)
 
     def delete_head(self, name: str, version: int = 0) -> int:
         """Delete one version (or all with 0); returns how many were deleted."""
-        return self._call(self._stub.DeleteHead, pb.DeleteHeadRequest(name=name, version=version)).deleted
+        return drive(planning.delete_head(name, version), self._send)
 
-    def predict(self, head: str, inputs: Iterable, *, version: int = 0, cache_policy: int = pb.USE) -> list[pb.Prediction]:
-        """Class probabilities and labels from a served head, per input (errors per item)."""
-        msgs = [to_input(x) for x in inputs]
-        out: list[pb.Prediction] = []
-        for _, chunk in _chunks(msgs, self.max_items_per_request, self.max_request_bytes):
-            response = self._call(self._stub.Predict, pb.PredictRequest(head=head, version=version, inputs=chunk,
-                                                                        cache_policy=cache_policy))
-            out.extend(response.predictions)
-        return out
+    def predict(self, head: str, inputs: Iterable, *, version: int = 0, cache_policy: int = pb.USE) -> list[Prediction]:
+        """Labels and class probabilities from a served head, one per input (errors per item).
+
+        Args:
+            head: the served head's name.
+            inputs: as ``extract_items``.
+            version: 0 for the latest.
+
+        Returns:
+            one Prediction (index, label, label_index, probabilities as numpy, cache_hit, key,
+            error) per input, in input order.
+
+        Raises:
+            FeatureBankError: the request failed (unknown head, a head whose backbone changed, ...).
+        """
+        return drive(planning.predict(head, inputs, self._limits, version=version, cache_policy=cache_policy),
+                     self._send)
+
+
+def _head_proto(head, name: str, version: int) -> pb.Head:
+    from featurebank.client.heads import Head
+
+    if not isinstance(head, Head):
+        head = Head.load(head)
+    return head.to_proto(name, version)
 
 
 class AsyncFeatureBank:
@@ -523,9 +418,14 @@ class AsyncFeatureBank:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method, request):
+    @property
+    def _limits(self) -> Limits:
+        return Limits(self.max_items_per_request, self.max_request_bytes)
+
+    async def _send(self, call: Call):
+        """Make one unary RPC of a plan (see planning.py)."""
         try:
-            return await method(request, timeout=self.timeout_s, metadata=self._metadata)
+            return await getattr(self._stub, call.method)(call.request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise FeatureBankError.from_rpc_error(e) from None
 
@@ -533,38 +433,38 @@ class AsyncFeatureBank:
                             output_dtype: int = pb.FLOAT32, cache_policy: int = pb.USE,
                             lookup_first: bool = True) -> list[ItemOutcome]:
         """See FeatureBank.extract_items."""
-        msgs = [to_input(x) for x in inputs]
-        out: list[ItemOutcome | None] = [None] * len(msgs)
-        if lookup_first and cache_policy == pb.USE and backbone and msgs:
-            positions = _lookup_plan(msgs)
-            for keys, request in _lookup_requests(positions, backbone, layer, output_dtype):
-                try:
-                    response = await self._call(self._stub.Lookup, request)
-                except FeatureBankError as e:
-                    if e.code not in _LOOKUP_FALLBACK_CODES:
-                        raise
-                    break  # e.g. an unknown backbone or layer: Extract reports it as it always did
-                _take_hits(keys, response, positions, out)
-        rest = [i for i, o in enumerate(out) if o is None]
-        for offset, chunk in _chunks([msgs[i] for i in rest], self.max_items_per_request, self.max_request_bytes):
-            request = pb.ExtractRequest(backbone=backbone, layer=layer, inputs=chunk, output_dtype=output_dtype,
-                                        cache_policy=cache_policy)
-            _place(_outcomes(await self._call(self._stub.Extract, request), 0), rest[offset:offset + len(chunk)], out)
-        return out  # type: ignore[return-value]
+        return await drive_async(planning.extract(inputs, self._limits, backbone=backbone, layer=layer,
+                                                  output_dtype=output_dtype, cache_policy=cache_policy,
+                                                  lookup_first=lookup_first), self._send)
 
     async def extract(self, inputs: Iterable, **kwargs) -> np.ndarray:
         """See FeatureBank.extract."""
-        return _stack(await self.extract_items(inputs, **kwargs))
+        return stack(await self.extract_items(inputs, **kwargs))
 
-    async def lookup(self, keys: Sequence[str], *, backbone: str, layer: str = "", output_dtype: int = pb.FLOAT32) -> list[ItemOutcome]:
+    async def lookup(self, keys: Sequence[str], *, backbone: str, layer: str = "",
+                     output_dtype: int = pb.FLOAT32) -> list[ItemOutcome]:
         """See FeatureBank.lookup."""
-        out: list[ItemOutcome] = []
-        for start in range(0, len(keys), LOOKUP_CHUNK):
-            request = pb.LookupRequest(backbone=backbone, layer=layer, keys=keys[start:start + LOOKUP_CHUNK],
-                                       output_dtype=output_dtype)
-            out.extend(_outcomes(await self._call(self._stub.Lookup, request), start))
-        return out
+        return await drive_async(planning.lookup(keys, backbone=backbone, layer=layer, output_dtype=output_dtype),
+                                 self._send)
 
     async def backbones(self) -> list[pb.BackboneInfo]:
         """See FeatureBank.backbones."""
-        return list((await self._call(self._stub.ListBackbones, pb.ListBackbonesRequest())).backbones)
+        return await drive_async(planning.backbones(), self._send)
+
+    async def put_head(self, head, name: str, version: int = 0) -> HeadInfo:
+        """See FeatureBank.put_head."""
+        return await drive_async(planning.put_head(_head_proto(head, name, version)), self._send)
+
+    async def list_heads(self, name: str = "") -> list[HeadInfo]:
+        """See FeatureBank.list_heads."""
+        return await drive_async(planning.list_heads(name), self._send)
+
+    async def delete_head(self, name: str, version: int = 0) -> int:
+        """See FeatureBank.delete_head."""
+        return await drive_async(planning.delete_head(name, version), self._send)
+
+    async def predict(self, head: str, inputs: Iterable, *, version: int = 0,
+                      cache_policy: int = pb.USE) -> list[Prediction]:
+        """See FeatureBank.predict."""
+        return await drive_async(planning.predict(head, inputs, self._limits, version=version,
+                                                  cache_policy=cache_policy), self._send)

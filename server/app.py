@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import json
 import logging
@@ -22,6 +23,7 @@ from featurebank.server.head_store import open_head_store
 from featurebank.server.heads import HeadLimits
 from featurebank.server.interceptors import StatusInterceptor
 from featurebank.server.metrics import Metrics
+from featurebank.server.ports import PortInUseError, check_free
 from featurebank.server.servicer import FeatureBankServicer, ServedBackbone
 from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 from featurebank.workers.pool import WorkerPool
@@ -94,6 +96,10 @@ class FeatureBankServer:
         """Spawn the workers, open the ports (health NOT_SERVING), wait for every worker, SERVING."""
         c = self.config
         await self.heads.start()  # refuses a heads Redis that evicts, before workers take minutes to load
+        metrics_addr = "127.0.0.1" if is_loopback(c.host) else "0.0.0.0"  # metrics follow the gRPC port
+        check_free("gRPC", c.host, c.port, "--port")  # before any worker is spawned for nothing
+        if c.metrics_port > 0:
+            check_free("metrics", metrics_addr, c.metrics_port, "--metrics-port")
         self._make_pools()
         for pool in self.pools.values():
             pool.spawn()  # workers load their backbones while the rest starts
@@ -127,19 +133,27 @@ class FeatureBankServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{c.host}:{c.port}"
-        if c.tls_cert_file:
-            self.port = self.server.add_secure_port(
-                address, server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file))
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not bind {c.host}:{c.port}")
+        try:  # a port taken since check_free: the same one-line error, and no workers left behind
+            if c.tls_cert_file:
+                self.port = self.server.add_secure_port(
+                    address, server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file))
+            else:
+                self.port = self.server.add_insecure_port(address)
+            if self.port == 0:
+                raise RuntimeError(f"could not bind {address}")
+        except RuntimeError:
+            await self._close_pools()
+            raise PortInUseError("gRPC", c.host, c.port, "--port") from None
         if c.health_port >= 0:
             await self._start_health_server()
         if c.metrics_port >= 0:
-            # Metrics follow the gRPC port: loopback only unless the server listens beyond it.
-            addr = "127.0.0.1" if is_loopback(c.host) else "0.0.0.0"
-            self._metrics_http, _ = start_http_server(c.metrics_port, addr=addr, registry=self.metrics.registry)
+            try:
+                self._metrics_http, _ = start_http_server(c.metrics_port, addr=metrics_addr,
+                                                          registry=self.metrics.registry)
+            except OSError as e:
+                await self._close_pools()
+                reason = "already in use" if e.errno == errno.EADDRINUSE else f"not bindable ({e.strerror})"
+                raise PortInUseError("metrics", metrics_addr, c.metrics_port, "--metrics-port", reason) from None
             self.metrics_port = self._metrics_http.server_port
         # The port opens before the workers are warm, so probes can see NOT_SERVING meanwhile;
         # FeatureBank RPCs answer UNAVAILABLE until then.
@@ -234,3 +248,4 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, _on_signal, sig)
     await server.start()
     await server.wait_closed()
+    logger.info("featurebank stopped")  # the last line: drained, workers and ports closed

@@ -483,9 +483,7 @@ def text_experiment(bank, server: Server, quick: bool) -> tuple[dict, dict]:
 
 
 def _probs(prediction) -> np.ndarray:
-    from featurebank.client import tensors
-
-    return np.asarray(tensors.from_proto(prediction.probabilities), np.float32).reshape(-1)
+    return np.asarray(prediction.probabilities, np.float32).reshape(-1)  # the SDK's Prediction: numpy already
 
 
 def image_curve(name: str, fs_pool, px_pool, fs_test, px_test, labels_pool: np.ndarray, sizes: list[int],

@@ -92,10 +92,10 @@ def test_put_predict_list_delete_and_fingerprint_check(bank, server, tmp_path):
 
     with FeatureBank(server.target) as other_client:  # another service, no training code
         predictions = other_client.predict("brightness", images[:10] + [b"junk"])
-    served = np.stack([np.frombuffer(p.probabilities.data, np.float32) for p in predictions[:10]])
+    served = np.stack([p.probabilities for p in predictions[:10]])  # Prediction dataclasses, numpy
     np.testing.assert_allclose(served, head.predict(bank.features(images[:10], backbone="toy")), atol=1e-5)
     assert [p.label for p in predictions[:10]] == [labels[i] for i in range(10)]
-    assert predictions[10].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert predictions[10].error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert server.metric("featurebank_head_predictions_total", head="brightness") >= 10
 
     stale = head.to_proto("stale")

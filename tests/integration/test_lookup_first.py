@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from featurebank.client import FLOAT16, FeatureBankError
-from featurebank.client import sdk
+from featurebank.client import planning
 from featurebank.client.sdk import AsyncFeatureBank
 from featurebank.v1 import featurebank_pb2 as pb
 from support import random_images
@@ -106,7 +106,7 @@ def test_other_policies_defaults_and_dtypes(server, bank):
 
 def test_lookup_is_chunked(server, bank, monkeypatch):
     """Keys go out LOOKUP_CHUNK at a time (1,024 by default; 2 here, to see it)."""
-    monkeypatch.setattr(sdk, "LOOKUP_CHUNK", 2)
+    monkeypatch.setattr(planning, "LOOKUP_CHUNK", 2)
     images = random_images(5, seed=1006)
     first = bank.extract(images, backbone="toy")
     traffic = Traffic(server)

@@ -36,3 +36,11 @@ def test_reliability_md_names_only_tests_that_exist():
     files = {p.name: p.read_text() for p in (ROOT / "tests").rglob("test_*.py")}
     missing = [f"{f}::{name}" for f, name in refs if f not in files or f"def {name}(" not in files[f]]
     assert missing == []
+
+
+def test_readme_installs_from_a_checkout_not_a_published_package():
+    """Install lines use the checkout (`pip install -e .`, `-e '.[train]'`): featurebank is not on PyPI."""
+    text = (ROOT / "README.md").read_text()
+    published = re.findall(r"pip install (?:-\S+ )*['\"]?featurebank\b[^\n`]*", text)
+    assert published == []
+    assert "pip install -e ." in text and "pip install -e '.[train]'" in text
