@@ -52,6 +52,11 @@ class ServerConfig:
     max_items_per_request: int = _field(4096, "most inputs in one request")
     max_message_bytes: int = _field(64 * 1024 * 1024, "largest gRPC message accepted or sent")
     max_image_pixels: int = _field(40_000_000, "largest decoded image (width x height), checked before decoding")
+    worker_memory_limit_mb: int = _field(8192, "cap on each worker's heap (RLIMIT_DATA): an input needing more fails "
+                                         "alone instead of taking the pod down (0 = no cap)")
+    watchdog_floor_s: float = _field(60.0, "a batch running longer than this and --watchdog-multiple x the slowest "
+                                     "batch seen gets its worker killed and handled like a crash (0 = no watchdog)")
+    watchdog_multiple: float = _field(10.0, "see --watchdog-floor-s")
     heads_dir: str = _field("", "where heads persist without Redis (default $XDG_DATA_HOME/featurebank/heads); "
                             "with --redis-url they live in Redis, shared by every replica")
     stream_window: int = _field(4, "request messages of one ExtractStream worked on at a time")
@@ -90,6 +95,10 @@ class ServerConfig:
             ("max_items_per_request", self.max_items_per_request >= 1, ">= 1"),
             ("max_message_bytes", 1 << 20 <= self.max_message_bytes <= 2**31 - 1, "1 MiB .. 2 GiB"),
             ("max_image_pixels", self.max_image_pixels >= 1, ">= 1"),
+            ("worker_memory_limit_mb", self.worker_memory_limit_mb == 0 or self.worker_memory_limit_mb >= 512,
+             "0 (no cap) or >= 512"),
+            ("watchdog_floor_s", self.watchdog_floor_s >= 0, ">= 0"),
+            ("watchdog_multiple", self.watchdog_multiple >= 1, ">= 1"),
             ("grace_period_s", self.grace_period_s >= 0, ">= 0"),
             ("stream_window", 1 <= self.stream_window <= 64, "1..64"),
             ("max_connection_age_s", self.max_connection_age_s >= 1, ">= 1"),
