@@ -52,7 +52,7 @@ class ServerConfig:
     max_items_per_request: int = _field(4096, "most inputs in one request")
     max_message_bytes: int = _field(64 * 1024 * 1024, "largest gRPC message accepted or sent")
     max_image_pixels: int = _field(40_000_000, "largest decoded image (width x height), checked before decoding")
-    worker_memory_limit_mb: int = _field(8192, "cap on each worker's heap (RLIMIT_DATA): an input needing more fails "
+    worker_memory_limit_mb: int = _field(8192, "cap on each CPU worker's heap (RLIMIT_DATA): an input needing more fails "
                                          "alone instead of taking the pod down (0 = no cap)")
     watchdog_floor_s: float = _field(60.0, "a batch running longer than this and --watchdog-multiple x the slowest "
                                      "batch seen gets its worker killed and handled like a crash (0 = no watchdog)")

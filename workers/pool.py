@@ -306,8 +306,8 @@ class WorkerPool:
             if crashes < MAX_ATTEMPTS:
                 keep.append(item)
                 continue
-            self.metrics.poison_refused.labels(self.backbone, item.tenant).inc()
             if not item.future.done():
+                self.metrics.poison_refused.labels(self.backbone, item.tenant).inc()
                 item.future.set_exception(WorkerCrashError(
                     f"refused: this input crashed {self.backbone} workers {crashes} times before; "
                     "it is not sent to a worker again"))

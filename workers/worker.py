@@ -28,6 +28,9 @@ def _limit_memory(setup: WorkerSetup) -> None:
     """
     if setup.memory_limit_mb <= 0:
         return
+    if setup.gpu is not None:  # CUDA's host-side mappings under RLIMIT_DATA are unmeasured: no cap there
+        logger.info("worker_memory_limit_mb not applied: this worker uses GPU %s", setup.gpu)
+        return
     limit_bytes = setup.memory_limit_mb * 2**20
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
     if hard != resource.RLIM_INFINITY:
