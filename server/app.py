@@ -73,6 +73,9 @@ class FeatureBankServer:
         self.metrics_port = -1
         self._metrics_http = None
         self._stopped = asyncio.Event()
+        self._serving = False  # start-up finished: health follows the workers from then on
+        self._health_lock = asyncio.Lock()
+        self._health_tasks: set[asyncio.Task] = set()
 
     def _make_pools(self) -> None:
         c = self.config
@@ -89,8 +92,28 @@ class FeatureBankServer:
             self.pools[name] = WorkerPool(
                 name, options=options, num_workers=c.num_workers, batcher=batcher, metrics=self.metrics,
                 gpus=c.gpu_list, intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads,
-                warmup=c.warmup, pipeline_depth=c.pipeline_depth,
+                warmup=c.warmup, pipeline_depth=c.pipeline_depth, memory_limit_mb=c.worker_memory_limit_mb,
+                watchdog_floor_s=c.watchdog_floor_s, watchdog_multiple=c.watchdog_multiple,
+                on_ready_change=self._on_ready_change,
             )
+
+    def _on_ready_change(self, backbone: str, ready_workers: int) -> None:
+        """Health follows the workers once started: NOT_SERVING while any backbone has no ready worker."""
+        if self._serving:
+            task = asyncio.ensure_future(self._update_health())
+            self._health_tasks.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._health_tasks.discard)
+
+    async def _update_health(self) -> None:
+        """Per backbone ("featurebank.v1.FeatureBank/NAME") and overall, from the pools' state now."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        async with self._health_lock:  # updates apply in order, each reading the latest state
+            ready = {name: pool.ready_count > 0 for name, pool in self.pools.items()}
+            for name, ok in ready.items():
+                await self.health.set(f"{SERVICE_NAME}/{name}", serving if ok else not_serving)
+            overall = serving if all(ready.values()) else not_serving
+            await self.health.set("", overall)
+            await self.health.set(SERVICE_NAME, overall)
 
     async def start(self) -> None:
         """Spawn the workers, open the ports (health NOT_SERVING), wait for every worker, SERVING."""
@@ -105,6 +128,8 @@ class FeatureBankServer:
             pool.spawn()  # workers load their backbones while the rest starts
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in self.pools:
+            await self.health.set(f"{SERVICE_NAME}/{name}", health_pb2.HealthCheckResponse.NOT_SERVING)
         options = [
             # Requests are bounded to what the SDK sends (it splits under 3 MiB): gRPC itself answers
             # RESOURCE_EXHAUSTED ("Received message larger than max (N vs. M)") without buffering the
@@ -177,8 +202,8 @@ class FeatureBankServer:
             for name, info in zip(self.pools, infos)
         })
         gc.freeze()  # start-up's objects leave the GC's view: shorter collections, fewer pauses in the p99 tail
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
+        await self._update_health()
         for info in infos:
             logger.info("serving %s (fingerprint %s, layers %s)", info.name, info.fingerprint[:12],
                         ", ".join(l.name for l in info.layers))

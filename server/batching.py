@@ -25,6 +25,8 @@ class PendingItem:
     attempts: int = 0  # times a batch holding this item killed a worker
     enqueued_at: float = 0.0
     from_cache: bool = False  # another replica computed it; it was read from the shared cache
+    key: str = ""  # the cache key it computes (poison inputs are counted per key, across requests)
+    tenant: str = ""  # the tenant whose request started it ("" without tokens)
 
     def abandoned(self, now: float) -> str | None:
         """Why this item should not reach a worker ("cancelled", "deadline"), or None."""

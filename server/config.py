@@ -76,6 +76,11 @@ class ServerConfig:
     max_concurrent_streams: int = _field(32, "RPCs at once on one client connection (HTTP/2 "
                                          "SETTINGS_MAX_CONCURRENT_STREAMS); further calls wait in the client")
     max_image_pixels: int = _field(40_000_000, "largest decoded image (width x height), checked before decoding")
+    worker_memory_limit_mb: int = _field(8192, "cap on each CPU worker's heap (RLIMIT_DATA): an input needing more fails "
+                                         "alone instead of taking the pod down (0 = no cap)")
+    watchdog_floor_s: float = _field(60.0, "a batch running longer than this and --watchdog-multiple x the slowest "
+                                     "batch seen gets its worker killed and handled like a crash (0 = no watchdog)")
+    watchdog_multiple: float = _field(10.0, "see --watchdog-floor-s")
     heads_dir: str = _field("", "where heads persist without a heads Redis (default $XDG_DATA_HOME/featurebank/heads)")
     heads_redis_url: str = _field("", "Redis URL for served heads, shared by every replica; give it maxmemory-policy "
                                   "noeviction and appendonly yes. Empty: the --redis-url Redis (the server refuses to "
@@ -123,6 +128,10 @@ class ServerConfig:
             ("max_concurrent_streams", 1 <= self.max_concurrent_streams <= 100_000, "1..100000"),
             ("health_port", -1 <= self.health_port <= 65535, "-1..65535"),
             ("max_image_pixels", self.max_image_pixels >= 1, ">= 1"),
+            ("worker_memory_limit_mb", self.worker_memory_limit_mb == 0 or self.worker_memory_limit_mb >= 512,
+             "0 (no cap) or >= 512"),
+            ("watchdog_floor_s", self.watchdog_floor_s >= 0, ">= 0"),
+            ("watchdog_multiple", self.watchdog_multiple >= 1, ">= 1"),
             ("max_head_parameters", 1 <= self.max_head_parameters <= 500_000_000, "1..500000000"),
             ("max_head_width", 1 <= self.max_head_width <= 1 << 20, "1..1048576"),
             ("heads_cache_bytes", self.heads_cache_bytes >= 0, ">= 0"),

@@ -65,6 +65,18 @@ class Metrics:
         self.worker_restarts = Counter(
             "featurebank_worker_restarts", "Worker processes restarted after dying.", ["backbone"], registry=r
         )
+        self.watchdog_kills = Counter(
+            "featurebank_worker_watchdog_kills", "Workers killed because a batch ran far past the slowest seen (stuck).",
+            ["backbone"], registry=r,
+        )
+        self.input_crashes = Counter(
+            "featurebank_input_crashes", "Items in a batch that killed a worker, by the tenant that sent them.",
+            ["backbone", "tenant"], registry=r,
+        )
+        self.poison_refused = Counter(
+            "featurebank_poison_refused", "Items refused without a worker: their input had crashed workers twice.",
+            ["backbone", "tenant"], registry=r,
+        )
         self.cache_errors = Counter(
             "featurebank_cache_errors", "Cache backend operations that failed or timed out.", ["op"], registry=r
         )

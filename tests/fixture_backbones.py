@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+
+import numpy as np
 
 from featurebank.workers.backbones.toy import ToyBackbone
 
 KILL_MARKER = b"KILL"
+HANG_MARKER = b"HANG"
+ALLOC_MARKER = b"ALLOC"
 
 
 class FaultyToy(ToyBackbone):
     """The toy backbone, plus: FB_TEST_FAIL_SETUP raises in load(); FB_TEST_LOAD_DELAY_S sleeps
-    before loading; FB_TEST_FORWARD_DELAY_MS sleeps in every served forward pass; an image whose
-    bytes start with KILL makes the worker SIGKILL itself."""
+    before loading; FB_TEST_LOAD_GATE_FILE holds load() while that file exists;
+    FB_TEST_FORWARD_DELAY_MS sleeps in every served forward pass. An image whose bytes start with
+    KILL makes the worker SIGKILL itself; with HANG it never returns; with ALLOC it allocates and
+    fills FB_TEST_ALLOC_MB megabytes (an exotic decoder's appetite)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -28,6 +35,9 @@ class FaultyToy(ToyBackbone):
         if os.environ.get("FB_TEST_FAIL_SETUP"):
             raise RuntimeError("fixture backbone refuses to load (FB_TEST_FAIL_SETUP)")
         time.sleep(float(os.environ.get("FB_TEST_LOAD_DELAY_S", "0")))
+        gate = os.environ.get("FB_TEST_LOAD_GATE_FILE")
+        while gate and os.path.exists(gate):
+            time.sleep(0.05)
         super().load()
 
     def warmup(self) -> None:
@@ -37,6 +47,10 @@ class FaultyToy(ToyBackbone):
     def preprocess(self, item):
         if item.kind == "image" and item.payload.startswith(KILL_MARKER):
             os.kill(os.getpid(), signal.SIGKILL)
+        if item.kind == "image" and item.payload.startswith(HANG_MARKER):
+            threading.Event().wait()  # stuck for good: only the watchdog gets this worker back
+        if item.kind == "image" and item.payload.startswith(ALLOC_MARKER):
+            np.ones(int(os.environ.get("FB_TEST_ALLOC_MB", "4096")) * 2**20, np.uint8)
         return super().preprocess(item)
 
     def forward(self, batch):

@@ -26,6 +26,7 @@ class WorkerSetup:
     intra_op_threads: int = 0  # 0 = TensorFlow's default
     inter_op_threads: int = 0
     warmup: bool = True
+    memory_limit_mb: int = 0  # the worker's RLIMIT_DATA (heap + private mappings); 0 = no cap
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,15 +6,17 @@ import asyncio
 import collections
 import concurrent.futures
 import enum
+import hashlib
 import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grpc
+import numpy as np
 
 from featurebank.server.batching import DynamicBatcher, PendingItem
 from featurebank.server.errors import FeatureBankError, WorkerCrashError
@@ -26,8 +28,10 @@ from featurebank.workers.messages import Batch, BatchResult, Shutdown, WorkerFai
 logger = logging.getLogger(__name__)
 
 # A batch that killed a worker is re-sent once, item by item; an item that kills a worker on its
-# second try gets an error of its own.
+# second try gets an error of its own, and so does every later request for it (whoever sends it):
+# crashes are counted per content key, across requests, in a bounded LRU.
 MAX_ATTEMPTS = 2
+MAX_POISON_KEYS = 4096
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -69,6 +73,9 @@ class WorkerProcess:
     def __init__(self, setup: WorkerSetup):
         self.setup = setup
         self.state = WorkerState.NEW
+        self.busy_since: float | None = None  # time.monotonic() when its current batch started computing
+        self.killed_because: str | None = None  # set by the watchdog before it kills the process
+        self.watched_fd: int | None = None  # its sentinel, while the pool's event loop watches it
         self.process: multiprocessing.process.BaseProcess | None = None
         self.conn: multiprocessing.connection.Connection | None = None
         self.ready: WorkerReady | None = None
@@ -85,6 +92,8 @@ class WorkerProcess:
             name=f"featurebank-worker-{self.setup.backbone}-{self.setup.worker_index}",
         )
         self.state = WorkerState.STARTING
+        self.busy_since = None
+        self.killed_because = None
         self.process.start()
         child.close()
         self.conn = parent
@@ -125,10 +134,15 @@ class WorkerProcess:
                 pass
         raise WorkerDied(self._death())
 
+    def death_reason(self) -> str:
+        """Why the (exited) process died; marks the worker DEAD."""
+        return self._death()
+
     def _death(self) -> str:
         self.state = WorkerState.DEAD
         self.process.join(5)
-        return describe_exit(self.process.exitcode)
+        exit_reason = describe_exit(self.process.exitcode)
+        return f"{self.killed_because}; {exit_reason}" if self.killed_because else exit_reason
 
     def kill(self) -> None:
         if self.process is not None and self.process.is_alive():
@@ -157,7 +171,10 @@ class WorkerPool:
 
     Workers are spawned and warmed before the pool reports ready. A worker that dies is noticed
     by its exit, counted, restarted, and its batch re-sent item by item; an item that kills a
-    worker twice gets an INTERNAL error of its own.
+    worker twice gets an INTERNAL error of its own, and is refused at once afterwards. A worker
+    whose batch runs past ``max(watchdog_floor_s, watchdog_multiple x the slowest batch seen)``
+    is killed by the watchdog, and its batch handled like a crash. ``on_ready_change(backbone,
+    ready_workers)`` is called whenever the number of ready workers may have changed (health).
     """
 
     def __init__(
@@ -174,6 +191,10 @@ class WorkerPool:
         warmup: bool = True,
         start_timeout_s: float = 600.0,
         pipeline_depth: int = 2,
+        memory_limit_mb: int = 0,
+        watchdog_floor_s: float = 60.0,
+        watchdog_multiple: float = 10.0,
+        on_ready_change: Callable[[str, int], None] | None = None,
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -184,11 +205,17 @@ class WorkerPool:
         if pipeline_depth < 1:
             raise ValueError(f"pipeline_depth must be >= 1, got {pipeline_depth}")
         self.pipeline_depth = pipeline_depth
+        self.watchdog_floor_s = watchdog_floor_s
+        self.watchdog_multiple = watchdog_multiple
+        self.slowest_batch_s = 0.0
+        self.on_ready_change = on_ready_change or (lambda backbone, ready: None)
+        self._crashes: collections.OrderedDict[str, int] = collections.OrderedDict()  # content key -> crashes
         self.workers = [
             WorkerProcess(WorkerSetup(
                 backbone=backbone, options=options, worker_index=i,
                 gpu=gpus[i % len(gpus)] if gpus else None,
                 intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads, warmup=warmup,
+                memory_limit_mb=memory_limit_mb,
             ))
             for i in range(num_workers)
         ]
@@ -220,10 +247,71 @@ class WorkerPool:
             self.metrics.traces.labels(self.backbone, str(w.setup.worker_index)).set(w.ready.trace_count)
         self._update_ready()
         self._tasks = [asyncio.create_task(self._feed(w), name=f"feed-{self.backbone}-{i}") for i, w in enumerate(self.workers)]
+        if self.watchdog_floor_s > 0:
+            self._tasks.append(asyncio.create_task(self._watchdog(), name=f"watchdog-{self.backbone}"))
         return self.info
 
     def _update_ready(self) -> None:
-        self.metrics.workers_ready.labels(self.backbone).set(self.ready_count)
+        ready = self.ready_count
+        self.metrics.workers_ready.labels(self.backbone).set(ready)
+        self.on_ready_change(self.backbone, ready)
+
+    @property
+    def watchdog_limit_s(self) -> float:
+        """How long one batch may compute before its worker is killed."""
+        return max(self.watchdog_floor_s, self.watchdog_multiple * self.slowest_batch_s)
+
+    async def _watchdog(self) -> None:
+        """Kill a worker whose batch runs far past the slowest seen; its feeder sees it die and recovers."""
+        interval_s = min(1.0, self.watchdog_floor_s / 4)
+        while not self._closing:
+            await asyncio.sleep(interval_s)
+            now, limit_s = time.monotonic(), self.watchdog_limit_s
+            for w in self.workers:
+                since = w.busy_since
+                if since is None or now - since <= limit_s or w.killed_because or w.process is None:
+                    continue
+                w.killed_because = (
+                    f"stuck: its batch ran {now - since:.1f}s, past the watchdog's {limit_s:.1f}s "
+                    f"(max of {self.watchdog_floor_s:g}s and {self.watchdog_multiple:g} x the slowest batch, "
+                    f"{self.slowest_batch_s:.2f}s); killed by the watchdog"
+                )
+                logger.error("worker %s-%d %s", self.backbone, w.setup.worker_index, w.killed_because)
+                self.metrics.watchdog_kills.labels(self.backbone).inc()
+                w.process.kill()  # the receive thread sees the exit: handled like any crash
+
+    def _content_key(self, item: PendingItem) -> str:
+        """What crashes are counted under: the item's cache key, else a hash of its input."""
+        if item.key:
+            return item.key
+        h = hashlib.blake2b(digest_size=16)
+        payload = item.payload.payload
+        h.update(f"{item.payload.kind}\0{item.layer}\0".encode())
+        if isinstance(payload, np.ndarray):
+            h.update(f"{payload.dtype.str}{payload.shape}".encode())
+            h.update(np.ascontiguousarray(payload).tobytes())
+        elif isinstance(payload, str):
+            h.update(payload.encode("utf-8", "surrogatepass"))
+        else:
+            h.update(bytes(payload))
+        return "input:" + h.hexdigest()
+
+    def _refuse_poison(self, items: list[PendingItem]) -> list[PendingItem]:
+        """Fail, without a worker, the items whose input already crashed workers MAX_ATTEMPTS times."""
+        if not self._crashes:
+            return items
+        keep = []
+        for item in items:
+            crashes = self._crashes.get(self._content_key(item), 0)
+            if crashes < MAX_ATTEMPTS:
+                keep.append(item)
+                continue
+            if not item.future.done():
+                self.metrics.poison_refused.labels(self.backbone, item.tenant).inc()
+                item.future.set_exception(WorkerCrashError(
+                    f"refused: this input crashed {self.backbone} workers {crashes} times before; "
+                    "it is not sent to a worker again"))
+        return keep
 
     async def _feed(self, w: WorkerProcess) -> None:
         """Keep up to ``pipeline_depth`` batches in flight on one worker.
@@ -236,6 +324,7 @@ class WorkerPool:
         """
         inflight: collections.deque[tuple[list[PendingItem], asyncio.Future]] = collections.deque()
         next_batch: asyncio.Task | None = None
+        exited = self._exit_future(w)  # an idle worker's death is noticed too (health follows it)
         ahead = False  # next_batch waits for a full batch, to queue behind one in flight
         try:
             while not self._closing:
@@ -248,32 +337,74 @@ class WorkerPool:
                     # calls); it waits for the worker to finish instead, as with one in flight.
                     ahead = bool(inflight)
                     next_batch = asyncio.ensure_future(self.batcher.wait_for_batch(full_only=ahead))
-                waits = [f for f in (next_batch, inflight[0][1] if inflight else None) if f is not None]
+                waits = [f for f in (next_batch, inflight[0][1] if inflight else exited) if f is not None]
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if exited.done() and not inflight:
+                    self._unwatch(w, exited)
+                    self._on_death(w, [], w.death_reason())
+                    await self._restart(w)
+                    exited = self._exit_future(w)
+                    continue
                 if next_batch is not None and next_batch.done():
-                    items, next_batch = next_batch.result(), None
-                    inflight.append((items, self._send(w, items)))
+                    items, next_batch = self._refuse_poison(next_batch.result()), None
+                    if items:
+                        if not inflight:
+                            w.busy_since = time.monotonic()
+                        inflight.append((items, self._send(w, items)))
                     continue
                 items, received = inflight.popleft()
                 try:
                     result = received.result()
                 except WorkerDied as e:
+                    w.busy_since = None
+                    self._unwatch(w, exited)
                     self._on_death(w, items, str(e))
                     await self._drain_dead(inflight)
                     await self._restart(w)
+                    exited = self._exit_future(w)
                     continue
+                w.busy_since = time.monotonic() if inflight else None  # the next one computes now
                 if not inflight:
                     w.state = WorkerState.READY
                 self._resolve(items, result)
+                self.slowest_batch_s = max(self.slowest_batch_s, result.inference_seconds)
                 self.metrics.inference_duration.labels(self.backbone).observe(result.inference_seconds)
                 self.metrics.worker_idle.labels(self.backbone).inc(result.idle_seconds)
                 self.metrics.worker_read.labels(self.backbone).inc(result.read_seconds)
                 self.metrics.traces.labels(self.backbone, str(w.setup.worker_index)).set(result.trace_count)
         finally:
+            self._unwatch(w, exited)
             if next_batch is not None:
                 next_batch.cancel()
             for _, received in inflight:  # closing: the worker is being stopped under them
                 received.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    @staticmethod
+    def _exit_future(w: WorkerProcess) -> asyncio.Future:
+        """Done when the worker's process exits (its sentinel becomes readable).
+
+        The reader is removed synchronously (on exit, or by ``_unwatch``) before the process is
+        replaced, so a recycled descriptor number is never confused with the new sentinel.
+        """
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        fd = w.process.sentinel
+
+        def on_exit() -> None:
+            loop.remove_reader(fd)
+            if not exited.done():
+                exited.set_result(fd)
+
+        loop.add_reader(fd, on_exit)
+        w.watched_fd = fd
+        return exited
+
+    @staticmethod
+    def _unwatch(w: WorkerProcess, exited: asyncio.Future) -> None:
+        if w.watched_fd is not None:
+            asyncio.get_running_loop().remove_reader(w.watched_fd)
+            w.watched_fd = None
+        exited.cancel()
 
     def _send(self, w: WorkerProcess, items: list[PendingItem]) -> asyncio.Future:
         """Write a batch to the worker (in its send thread); the future is its result."""
@@ -313,6 +444,8 @@ class WorkerPool:
 
     def _resolve(self, items: list[PendingItem], result: BatchResult) -> None:
         for item, feats, err in zip(items, result.features, result.errors):
+            if self._crashes and item.attempts:  # computed after a crash: it was a bystander
+                self._crashes.pop(self._content_key(item), None)
             if item.future.done():
                 continue
             if err is not None:
@@ -321,21 +454,32 @@ class WorkerPool:
                 item.future.set_result(feats)
 
     def _on_death(self, w: WorkerProcess, items: list[PendingItem], reason: str) -> None:
-        logger.error("worker %s-%d died (%s) with a batch of %d; restarting it",
-                     self.backbone, w.setup.worker_index, reason, len(items))
+        logger.error("worker %s-%d died (%s) %s; restarting it", self.backbone, w.setup.worker_index, reason,
+                     f"with a batch of {len(items)}" if items else "while idle")
         self.metrics.worker_restarts.labels(self.backbone).inc()
         self._update_ready()
         retry = []
         for item in items:
             item.attempts += 1
+            crashes = self._count_crash(item)
             if item.future.done():
                 continue
-            if item.attempts >= MAX_ATTEMPTS:
+            if max(item.attempts, crashes) >= MAX_ATTEMPTS:
                 item.future.set_exception(WorkerCrashError(
-                    f"this input crashed the {self.backbone} worker {item.attempts} times ({reason}); not retried"))
+                    f"this input crashed the {self.backbone} worker {crashes} times ({reason}); not retried"))
             else:
                 retry.append(item)
         self.batcher.requeue(retry)
+
+    def _count_crash(self, item: PendingItem) -> int:
+        """One more crash for this item's input (bounded LRU, across requests) and its tenant."""
+        key = self._content_key(item)
+        crashes = self._crashes.pop(key, 0) + 1
+        self._crashes[key] = crashes
+        while len(self._crashes) > MAX_POISON_KEYS:
+            self._crashes.popitem(last=False)
+        self.metrics.input_crashes.labels(self.backbone, item.tenant).inc()
+        return crashes
 
     async def _restart(self, w: WorkerProcess) -> None:
         loop = asyncio.get_running_loop()

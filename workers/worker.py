@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import queue
+import resource
 import sys
 import threading
 import time
@@ -16,11 +17,40 @@ from featurebank.workers.messages import Batch, BatchResult, Shutdown, WorkerFai
 logger = logging.getLogger(__name__)
 
 
+def _limit_memory(setup: WorkerSetup) -> None:
+    """Cap the worker's data segment (heap and private writable mappings) at ``memory_limit_mb``.
+
+    RLIMIT_DATA, not RLIMIT_AS: TensorFlow reserves far more address space than it touches
+    (thread stacks, allocator arenas, CUDA's unified address space), so an address-space cap low
+    enough to matter breaks it, while the data limit tracks what the process can actually fill.
+    An allocation past the cap fails (MemoryError in Python and Pillow) instead of growing the
+    process until the pod's OOM killer takes everything down.
+    """
+    if setup.memory_limit_mb <= 0:
+        return
+    if setup.gpu is not None:  # CUDA's host-side mappings under RLIMIT_DATA are unmeasured: no cap there
+        logger.info("worker_memory_limit_mb not applied: this worker uses GPU %s", setup.gpu)
+        return
+    limit_bytes = setup.memory_limit_mb * 2**20
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit_bytes = min(limit_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, hard))
+
+
 def _configure_tensorflow(setup: WorkerSetup) -> None:
-    """Pin to one GPU (growing its memory) or set CPU thread counts, before TF initialises."""
+    """Pin to one GPU (growing its memory) or set CPU thread counts, before TF initialises.
+
+    A CPU worker hides every GPU and TensorFlow's C++ error log before TF is imported: otherwise
+    each worker prints CUDA driver errors ("failed call to cuInit") about GPUs nobody asked for.
+    A non-empty TF_CPP_MIN_LOG_LEVEL in the environment wins.
+    """
     if setup.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = setup.gpu
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):  # C++ errors stay visible only where a GPU is used
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2" if setup.gpu is not None else "3"
     import tensorflow as tf
 
     for gpu in tf.config.list_physical_devices("GPU"):
@@ -31,7 +61,7 @@ def _configure_tensorflow(setup: WorkerSetup) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(setup.inter_op_threads)
 
 
-def compute(backbone, batch: Batch) -> BatchResult:
+def compute(backbone, batch: Batch, memory_limit_mb: int = 0) -> BatchResult:
     """Preprocess each item (a bad one fails alone), run the good ones as one batch, pick layers."""
     from featurebank.workers.backbones.base import InvalidInputError
 
@@ -47,6 +77,10 @@ def compute(backbone, batch: Batch) -> BatchResult:
             index.append(i)
         except InvalidInputError as e:
             errors[i] = ("INVALID_ARGUMENT", str(e))
+        except MemoryError:  # the memory cap stopped it: this input alone, the worker lives on
+            logger.warning("preprocessing item %d hit the worker's memory limit", i)
+            errors[i] = ("INVALID_ARGUMENT", f"input needs more memory than a worker may use "
+                                             f"(worker_memory_limit_mb={memory_limit_mb})")
         except Exception as e:  # a bug or an exotic input: this item only
             logger.exception("preprocessing item %d failed", i)
             errors[i] = ("INTERNAL", f"preprocessing failed: {type(e).__name__}: {e}")
@@ -70,6 +104,7 @@ def main(conn, setup: WorkerSetup) -> None:
     )
     t0 = time.perf_counter()
     try:
+        _limit_memory(setup)
         _configure_tensorflow(setup)
         from featurebank.workers.backbones import registry
 
@@ -84,10 +119,10 @@ def main(conn, setup: WorkerSetup) -> None:
         sys.exit(3)
     conn.send(WorkerReady(info, backbone.trace_count, time.perf_counter() - t0))
     logger.info("ready in %.1fs (%d traces)", time.perf_counter() - t0, backbone.trace_count)
-    serve(conn, backbone)
+    serve(conn, backbone, setup.memory_limit_mb)
 
 
-def serve(conn, backbone) -> None:
+def serve(conn, backbone, memory_limit_mb: int = 0) -> None:
     """Compute batches until Shutdown or the frontend goes away.
 
     A reader thread receives (reads and unpickles, but never decodes) the next batch while this
@@ -118,5 +153,5 @@ def serve(conn, backbone) -> None:
             return
         msg, read_seconds = item
         idle = time.perf_counter() - idle_since
-        result = compute(backbone, msg)
+        result = compute(backbone, msg, memory_limit_mb)
         conn.send(dataclasses.replace(result, idle_seconds=idle, read_seconds=read_seconds))

@@ -14,7 +14,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from featurebank.workers.backbones.base import DEFAULT_BATCH_BUCKETS, ImageBackbone
+from featurebank.workers.backbones.buckets import DEFAULT_BATCH_BUCKETS
+from featurebank.workers.backbones.keras_base import ImageBackbone
 from featurebank.workers.backbones.pth_reader import load_legacy_pth
 
 logger = logging.getLogger(__name__)

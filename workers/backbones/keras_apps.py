@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from featurebank.workers.backbones.base import ImageBackbone
+from featurebank.workers.backbones.keras_base import ImageBackbone
 
 # application -> (keras.applications module with preprocess_input, input size, the layers exposed
 # besides "pooled", globally average-pooled)

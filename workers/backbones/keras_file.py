@@ -8,10 +8,11 @@ from typing import Sequence
 
 import numpy as np
 
-from featurebank.workers.backbones.base import (
-    DEFAULT_BATCH_BUCKETS, Backbone, BackboneInfo, InputItem, InvalidInputError, LayerSpec, fingerprint_model,
-    image_input, run_bucketed,
-)
+from featurebank.workers.backbones.base import BackboneInfo, InputItem, InvalidInputError
+from featurebank.workers.backbones.buckets import DEFAULT_BATCH_BUCKETS, run_bucketed
+from featurebank.workers.backbones.fingerprint import fingerprint_model
+from featurebank.workers.backbones.images import image_input
+from featurebank.workers.backbones.keras_base import TracedKerasBackbone, layer_specs
 
 
 def _pool(x):
@@ -23,7 +24,7 @@ def _pool(x):
     return x
 
 
-class KerasFileBackbone(Backbone):
+class KerasFileBackbone(TracedKerasBackbone):
     """A user's model served as a backbone.
 
     Args:
@@ -43,14 +44,11 @@ class KerasFileBackbone(Backbone):
                  batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS):
         if not os.path.exists(path):
             raise FileNotFoundError(f"model {path!r} does not exist")
+        super().__init__()
         self.path = path
         self.layer_names = tuple(layers)
         self.max_image_pixels = max_image_pixels
         self.batch_buckets = tuple(sorted(batch_buckets))
-        self._fn = None
-        self._model = None
-        self._traces = 0
-        self._info: BackboneInfo | None = None
 
     def _build(self):
         import keras
@@ -78,11 +76,8 @@ class KerasFileBackbone(Backbone):
         return keras.Model(base.input, outputs), base.to_json()
 
     def load(self) -> None:
-        import tensorflow as tf
-
         model, architecture = self._build()
-        model.trainable = False
-        self._model = model
+        self.freeze(model)
         self.item_shape = tuple(int(d) for d in model.input.shape[1:])
         image = len(self.item_shape) == 3 and self.item_shape[2] == 3
         self.input_kind = "image" if image else "tensor"
@@ -90,22 +85,14 @@ class KerasFileBackbone(Backbone):
                               "float32 pixels [0, 255] -> the model's own layers" if image
                               else "float32 tensor as sent -> the model's own layers")
 
-        def _forward(x):
-            self._traces += 1
-            return model(x, training=False)
-
-        self._fn = tf.function(_forward)
+        self.trace(lambda x: model(x, training=False))
         probe = model(np.zeros((1, *self.item_shape), np.float32), training=False)
-        layers = tuple(LayerSpec(k, tuple(int(d) for d in v.shape[1:])) for k, v in sorted(probe.items()))
+        layers = layer_specs(probe)
         self._info = BackboneInfo(
             name=self.name, fingerprint=fingerprint_model(self.name, architecture, model.get_weights(), self.preprocessing),
             input_kind=self.input_kind, default_layer="output" if "output" in probe else layers[0].name,
             layers=layers, input_size=self.item_shape, preprocessing=self.preprocessing,
         )
-
-    def info(self) -> BackboneInfo:
-        assert self._info is not None, "load() first"
-        return self._info
 
     def preprocess(self, item: InputItem) -> np.ndarray:
         if self.input_kind == "image":
@@ -124,12 +111,6 @@ class KerasFileBackbone(Backbone):
         return run_bucketed(self._fn, batch, self.item_shape, self.batch_buckets)
 
     def warmup(self) -> None:
-        for b in self.batch_buckets:
-            self.forward([np.zeros(self.item_shape, np.float32)] * b)
-
-    @property
-    def trace_count(self) -> int:
-        return self._traces
-
-    def keras_model(self):
-        return self._model
+        with self.planned_traces():
+            for b in self.batch_buckets:
+                self.forward([np.zeros(self.item_shape, np.float32)] * b)

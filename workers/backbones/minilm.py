@@ -8,20 +8,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from featurebank.workers.backbones.base import (
-    DEFAULT_BATCH_BUCKETS,
-    Backbone,
-    BackboneInfo,
-    InputItem,
-    InvalidInputError,
-    LayerSpec,
-    bucket_for,
-    fingerprint_model,
-)
+from featurebank.workers.backbones.base import BackboneInfo, InputItem, InvalidInputError, LayerSpec
+from featurebank.workers.backbones.buckets import DEFAULT_BATCH_BUCKETS, bucket_for
+from featurebank.workers.backbones.fingerprint import fingerprint_model
+from featurebank.workers.backbones.keras_base import TracedKerasBackbone
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +186,7 @@ def build_feature_model(backbone):
     return keras.Model(inputs=backbone.input, outputs=outputs, name="minilm_features")
 
 
-class MiniLM(Backbone):
+class MiniLM(TracedKerasBackbone):
     """all-MiniLM-L6-v2 (sentence-transformers), ported to keras-hub's BertBackbone, frozen.
 
     Pipeline: WordPiece (the model's tokenizer.json, uncased, accents stripped) with [CLS]/[SEP],
@@ -232,6 +226,7 @@ class MiniLM(Backbone):
         max_batch_tokens: int | str | None = "auto",
         max_image_pixels: int | None = None,  # the worker passes it to every backbone; text has no pixels
     ):
+        super().__init__()
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.length_buckets = tuple(sorted(length_buckets))
         if max_tokens < 2:
@@ -248,10 +243,6 @@ class MiniLM(Backbone):
             f"WordPiece (tokenizer.json, uncased) truncate {max_tokens} -> BERT -> masked mean pool -> L2 normalise"
         )
         self._tokenizer = None
-        self._model = None
-        self._fn: Callable | None = None
-        self._traces = 0
-        self._info: BackboneInfo | None = None
 
     def load(self) -> None:
         import tensorflow as tf
@@ -270,16 +261,13 @@ class MiniLM(Backbone):
         self._tokenizer = self._make_tokenizer(Tokenizer.from_str(tokenizer_bytes.decode("utf-8")))
 
         backbone = build_bert(config, load_file(str(path / "model.safetensors")))
-        model = build_feature_model(backbone)
-        model.trainable = False
-        self._model = model
+        model = self.freeze(build_feature_model(backbone))
 
         def _forward(token_ids, padding_mask):
-            self._traces += 1  # Python side effect: runs once per trace, never per call
             inputs = {"token_ids": token_ids, "segment_ids": tf.zeros_like(token_ids), "padding_mask": padding_mask}
             return model(inputs, training=False)
 
-        self._fn = tf.function(_forward, reduce_retracing=False, jit_compile=False)
+        self.trace(_forward)
         self.shape_buckets = self._shape_buckets(self._resolve_max_batch_tokens())
         self._info = self._describe(model, backbone, tokenizer_bytes)
         logger.info("minilm loaded from %s in %.1fs", path, time.perf_counter() - start)
@@ -337,10 +325,6 @@ class MiniLM(Backbone):
             preprocessing=self.preprocessing,
         )
 
-    def info(self) -> BackboneInfo:
-        assert self._info is not None, "load() first"
-        return self._info
-
     def preprocess(self, item: InputItem) -> TokenizedText:
         if item.kind != "text":
             raise InvalidInputError(f"backbone {self.name!r} takes text, not {item.kind}")
@@ -396,7 +380,7 @@ class MiniLM(Backbone):
         # Each new shape costs ~0.5 s of Python tracing plus ~0.5 s of graph optimisation in C++,
         # which releases the GIL; two threads overlap the two (tf.function serialises the tracing
         # itself), cutting CPU warm-up by about a third.
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="minilm-warmup") as pool:
+        with self.planned_traces(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="minilm-warmup") as pool:
             list(pool.map(lambda shape: self._run([filler] * shape[0], shape[1]), shapes))
         logger.info(
             "minilm warm: %d traced shapes (batch buckets per length: %s) in %.1fs",
@@ -404,10 +388,3 @@ class MiniLM(Backbone):
             self.shape_buckets,
             time.perf_counter() - start,
         )
-
-    @property
-    def trace_count(self) -> int:
-        return self._traces
-
-    def keras_model(self):
-        return self._model

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from featurebank.workers.backbones.base import ImageBackbone
+from featurebank.workers.backbones.keras_base import ImageBackbone
 
 
 class ToyBackbone(ImageBackbone):

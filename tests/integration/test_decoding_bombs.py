@@ -1,0 +1,64 @@
+"""Malicious images against a real server: refused quickly, each alone, with the worker's memory flat and capped."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import numpy as np
+
+from featurebank.client import FeatureBank
+from fixture_backbones import ALLOC_MARKER
+from malicious_images import animated_gif, ico_bomb, tiff_bytes
+from support import png_bytes, random_images
+
+logger = logging.getLogger(__name__)
+FAULTY = "fixture_backbones:FaultyToy"
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident memory (VmHWM) in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def test_malicious_images_fail_alone_and_worker_memory_stays_flat(start_server):
+    """An .ico PNG bomb and a TIFF get INVALID_ARGUMENT naming the format, a 3,000-frame GIF gives its first
+    frame's features, their neighbours get features, and the worker's peak memory barely moves."""
+    server = start_server("--backbone", "toy")
+    good = random_images(2, seed=70)
+    gif, first_frame = animated_gif(3000)
+    (worker,) = server.worker_pids()
+    with FeatureBank(server.target, timeout_s=120) as bank:
+        bank.extract(good, backbone="toy")  # the worker's steady state, before the bombs
+        before_mb = peak_rss_mb(worker)
+        outcomes = bank.extract_items([good[0], ico_bomb(), gif, tiff_bytes(), good[1]], backbone="toy")
+        after_mb = peak_rss_mb(worker)
+        expected_gif = bank.extract([png_bytes(first_frame)], backbone="toy")[0]
+    logger.info("worker peak memory %.0f MB before the bombs, %.0f MB after", before_mb, after_mb)
+    assert [o.error for o in (outcomes[0], outcomes[2], outcomes[4])] == [None] * 3
+    ico, tiff = outcomes[1].error, outcomes[3].error
+    assert ico.code == grpc.StatusCode.INVALID_ARGUMENT and "ICO is not accepted" in ico.message, ico
+    assert tiff.code == grpc.StatusCode.INVALID_ARGUMENT and "TIFF is not accepted" in tiff.message, tiff
+    np.testing.assert_allclose(outcomes[2].features, expected_gif, rtol=1e-6)
+    assert after_mb - before_mb < 100, f"peak memory rose {after_mb - before_mb:.0f} MB"
+    assert server.worker_pids() == [worker]
+    assert server.metric("featurebank_worker_restarts_total") == 0
+
+
+def test_worker_memory_cap_stops_an_exotic_decoder(start_server):
+    """An input whose preprocessing wants 4 GB, in a worker capped at 2 GB, fails alone with a message
+    naming the cap; the worker survives it and its neighbours get features."""
+    server = start_server("--backbone", FAULTY, "--worker-memory-limit-mb", "2048", env={"FB_TEST_ALLOC_MB": "4096"})
+    good = random_images(2, seed=71)
+    (worker,) = server.worker_pids()
+    with FeatureBank(server.target, timeout_s=120) as bank:
+        outcomes = bank.extract_items([good[0], ALLOC_MARKER + b"x", good[1]], backbone=FAULTY)
+    assert outcomes[0].error is None and outcomes[2].error is None
+    err = outcomes[1].error
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "worker_memory_limit_mb=2048" in err.message, err
+    assert peak_rss_mb(worker) < 2048
+    assert server.worker_pids() == [worker]
