@@ -85,7 +85,8 @@ class ServerConfig:
     heads_redis_url: str = _field("", "Redis URL for served heads, shared by every replica; give it maxmemory-policy "
                                   "noeviction and appendonly yes. Empty: the --redis-url Redis (the server refuses to "
                                   "start if its policy is allkeys-*, which evicts heads), else --heads-dir")
-    max_head_parameters: int = _field(4_000_000, "most parameters (kernels + biases) of a head PutHead accepts")
+    max_head_parameters: int = _field(1_000_000, "most parameters (kernels + biases) of a head PutHead accepts; its float32 "
+                                     "weights must fit one request under --max-message-bytes")
     max_head_width: int = _field(4096, "most units of any one layer of a head PutHead accepts")
     heads_cache_bytes: int = _field(256 * 1024 * 1024, "byte budget of compiled heads kept in memory (least recently used out)")
     stream_window: int = _field(4, "request messages of one ExtractStream worked on at a time")
@@ -133,6 +134,10 @@ class ServerConfig:
             ("watchdog_floor_s", self.watchdog_floor_s >= 0, ">= 0"),
             ("watchdog_multiple", self.watchdog_multiple >= 1, ">= 1"),
             ("max_head_parameters", 1 <= self.max_head_parameters <= 500_000_000, "1..500000000"),
+            # A head is sent whole in one PutHead: its float32 weights (plus 64 KiB of framing) must be
+            # receivable, or PutHead fails with gRPC's bare "message larger than max".
+            ("max_head_parameters", 4 * self.max_head_parameters + 65536 <= self.max_message_bytes,
+             f"<= (max_message_bytes - 64 KiB) / 4 = {(self.max_message_bytes - 65536) // 4} (raise --max-message-bytes too)"),
             ("max_head_width", 1 <= self.max_head_width <= 1 << 20, "1..1048576"),
             ("heads_cache_bytes", self.heads_cache_bytes >= 0, ">= 0"),
             ("grace_period_s", self.grace_period_s >= 0, ">= 0"),

@@ -23,7 +23,7 @@ CHUNK_ELEMENTS = 1 << 22
 class HeadLimits:
     """What PutHead accepts: parameters in all (kernels + biases) and units of any one layer."""
 
-    max_parameters: int = 4_000_000
+    max_parameters: int = 1_000_000
     max_width: int = 4096
 
 

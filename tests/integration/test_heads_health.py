@@ -22,6 +22,7 @@ HEALTH_TIMEOUT_S = 2.0
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     s = ServerProcess("--backbone", "toy", "--max-head-parameters", str(WIDE_PARAMETERS), "--max-head-width", "4096",
+                      "--max-message-bytes", str(64 * 1024 * 1024),  # the head and 4,096 images in one call
                       "--heads-dir", str(tmp_path_factory.mktemp("heads"))).start()
     yield s
     assert s.terminate() == 0

@@ -94,7 +94,8 @@ def test_invalid_value_names_the_parameter(field, value):
 )
 def test_boundary_values_are_valid(field, value):
     """The documented range ends are accepted."""
-    assert getattr(ServerConfig(**{field: value}), field) == value
+    others = {"max_head_parameters": 1000} if field == "max_message_bytes" else {}  # a head must fit a request
+    assert getattr(ServerConfig(**{field: value}, **others), field) == value
 
 
 def test_zero_workers_needs_gpus():
@@ -216,3 +217,12 @@ def test_flag_types_follow_field_types():
     assert c.gpu_list == ["0"]
     with pytest.raises(SystemExit):
         parse(["--max-batch-size", "lots"])
+
+
+def test_max_head_parameters_must_fit_one_request():
+    """A head allowed by --max-head-parameters is receivable in one PutHead under --max-message-bytes
+    (a 2.2 M-parameter head used to pass the head check and fail with gRPC's bare "larger than max")."""
+    ServerConfig()  # the defaults agree
+    with pytest.raises(ValueError, match=r"invalid max_head_parameters=2000000.*raise --max-message-bytes"):
+        ServerConfig(max_head_parameters=2_000_000)
+    ServerConfig(max_head_parameters=2_000_000, max_message_bytes=16 * 1024 * 1024)
