@@ -162,10 +162,38 @@ def extract(inputs: Iterable, limits: Limits, *, backbone: str = "", layer: str 
         yield from lookup_hits(msgs, out, backbone=backbone, layer=layer, output_dtype=output_dtype)
     rest = [i for i, o in enumerate(out) if o is None]
     for start, chunk in chunks([msgs[i] for i in rest], limits):
-        response = yield Call("Extract", extract_request(chunk, backbone=backbone, layer=layer,
-                                                         output_dtype=output_dtype, cache_policy=cache_policy))
+        try:
+            response = yield Call("Extract", extract_request(chunk, backbone=backbone, layer=layer,
+                                                             output_dtype=output_dtype, cache_policy=cache_policy))
+        except FeatureBankError as e:
+            i = rest[start]
+            if not too_large_alone(chunk, limits, e):
+                raise
+            out[i] = ItemOutcome(i, _key_or_empty(chunk[0]), False, None, too_large_error(e, i))
+            continue
         place(outcomes(response), rest[start:start + len(chunk)], out)
     return out  # type: ignore[return-value]
+
+
+def too_large_alone(chunk: Sequence[pb.Input], limits: Limits, error: FeatureBankError) -> bool:
+    """The request was one input over the split size, refused for its size: that input's own error,
+    not its neighbours' (they travel in other requests)."""
+    return (len(chunk) == 1 and chunk[0].ByteSize() + 8 > limits.max_bytes
+            and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in error.message)
+
+
+def too_large_error(error: FeatureBankError, index: int) -> FeatureBankError:
+    return FeatureBankError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"input too large for one request ({error.message}); send a smaller input, or raise the server's "
+        f"--max-message-bytes (and the client's max_message_bytes)", index)
+
+
+def _key_or_empty(msg: pb.Input) -> str:
+    try:
+        return input_key(msg)
+    except ValueError:
+        return ""
 
 
 def lookup(keys: Sequence[str], *, backbone: str, layer: str = "", output_dtype: int = pb.FLOAT32
@@ -185,8 +213,14 @@ def predict(head: str, inputs: Iterable, limits: Limits, *, version: int = 0, ca
     """Predictions of a served head in input order, in chunks within the limits."""
     out: list[Prediction] = []
     for start, chunk in chunks([to_input(x) for x in inputs], limits):
-        response = yield Call("Predict", pb.PredictRequest(head=head, version=version, inputs=chunk,
-                                                           cache_policy=cache_policy))
+        try:
+            response = yield Call("Predict", pb.PredictRequest(head=head, version=version, inputs=chunk,
+                                                               cache_policy=cache_policy))
+        except FeatureBankError as e:
+            if not too_large_alone(chunk, limits, e):
+                raise
+            out.append(Prediction(start, "", -1, None, False, _key_or_empty(chunk[0]), too_large_error(e, start)))
+            continue
         out.extend(prediction(p, start + j) for j, p in enumerate(response.predictions))
     return out
 

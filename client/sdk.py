@@ -200,6 +200,13 @@ class FeatureBank:
                         if last is not None:
                             resolved.update(backbone=last.backbone, layer=last.layer,
                                             backbone_fingerprint=last.backbone_fingerprint)
+                    if known[0] is None and len(batch) == 1 and batch[0].ByteSize() + 8 > self._limits.max_bytes:
+                        # Too large to share a request: sent alone, unary, so a size refusal fails
+                        # this input (planning.too_large_alone) and not the whole stream.
+                        known = drive(planning.extract(batch, self._limits, backbone=backbone, layer=layer,
+                                                       output_dtype=output_dtype, cache_policy=cache_policy,
+                                                       lookup_first=False), self._send)
+                        planning.place(known, [0], known, base=offset)
                     misses = [j for j, k in enumerate(known) if k is None]
                     prepared.put((offset, known, misses))
                     if misses:

@@ -232,3 +232,28 @@ def test_cli_extract_twice_second_time_all_hits(server, tmp_path):
     assert "0 cache hits, 3 computed" in first.stdout
     assert "3 cache hits, 0 computed" in second.stdout
     assert np.load(tmp_path / "f.npy").shape == (3, 16)
+
+
+@pytest.mark.parametrize("lookup_first", [True, False])
+def test_an_input_over_the_message_limit_fails_alone(bank, lookup_first):
+    """An input too large for any request (over the server's --max-message-bytes) gets its own
+    RESOURCE_EXHAUSTED item error naming the flag; its neighbours still get features."""
+    small = random_images(2, seed=71)
+    huge = np.random.default_rng(72).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)  # ~5.9 MB of pixels
+    outcomes = bank.extract_items([small[0], huge, small[1]], backbone="toy", lookup_first=lookup_first)
+    assert outcomes[0].error is None and outcomes[2].error is None
+    assert outcomes[0].features.shape == outcomes[2].features.shape == (16,)
+    err = outcomes[1].error
+    assert err is not None and err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.index == 1
+    assert "--max-message-bytes" in err.message
+
+
+def test_an_input_over_the_message_limit_fails_alone_in_a_stream(bank):
+    """extract_stream answers an input too large for any request with its own RESOURCE_EXHAUSTED
+    item error; the stream goes on and the other inputs get features."""
+    small = random_images(3, seed=73)
+    huge = np.random.default_rng(74).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)
+    outcomes = list(bank.extract_stream([small[0], huge, small[1], small[2]], backbone="toy", lookup_first=True))
+    assert [o.index for o in outcomes] == [0, 1, 2, 3]
+    assert [o.error is None for o in outcomes] == [True, False, True, True]
+    assert outcomes[1].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and outcomes[1].error.index == 1
