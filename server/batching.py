@@ -25,6 +25,8 @@ class PendingItem:
     attempts: int = 0  # times a batch holding this item killed a worker
     enqueued_at: float = 0.0
     from_cache: bool = False  # another replica computed it; it was read from the shared cache
+    key: str = ""  # the cache key it computes (poison inputs are counted per key, across requests)
+    tenant: str = ""  # the tenant whose request started it ("" without tokens)
 
     def abandoned(self, now: float) -> str | None:
         """Why this item should not reach a worker ("cancelled", "deadline"), or None."""
@@ -46,16 +48,21 @@ class DynamicBatcher:
     """
 
     def __init__(self, *, max_batch_size: int, max_batch_delay_ms: float, max_queue_size: int,
-                 on_drop=None, on_depth=None):
+                 max_queue_share: float = 1.0, on_drop=None, on_depth=None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_batch_delay_ms < 0:
             raise ValueError(f"max_batch_delay_ms must be >= 0, got {max_batch_delay_ms}")
         if max_queue_size < max_batch_size:
             raise ValueError(f"max_queue_size ({max_queue_size}) must be >= max_batch_size ({max_batch_size})")
+        if not 0 < max_queue_share <= 1:
+            raise ValueError(f"max_queue_share must be in (0, 1], got {max_queue_share}")
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
+        self.max_queue_share = max_queue_share
+        self.queued_by_tenant: collections.Counter[str] = collections.Counter()
+        self._room = asyncio.Event()  # set whenever items leave the queue
         self._queue: collections.deque[PendingItem] = collections.deque()
         self._retry: collections.deque[PendingItem] = collections.deque()
         self._nonempty = asyncio.Event()
@@ -66,24 +73,65 @@ class DynamicBatcher:
     def __len__(self) -> int:
         return len(self._queue) + len(self._retry)
 
+    def room_for(self, tenant: str) -> int:
+        """How many more items ``tenant`` may queue now.
+
+        Without tenants ("") the whole free queue. A tenant may hold at most ``max_queue_share``
+        of what the other tenants leave free, so however many tenants flood the queue, there is
+        always room for another (one flooding tenant of two holds at most half the queue; k
+        flooders settle at share/(1 + share*(k-1)) of it each).
+        """
+        free = self.max_queue_size - len(self)
+        if not tenant or self.max_queue_share >= 1:
+            return max(0, free)
+        mine = self.queued_by_tenant[tenant]
+        share = int(self.max_queue_share * (self.max_queue_size - (len(self) - mine)))
+        return max(0, min(free, share - mine))
+
+    def full_error(self, tenant: str, n: int) -> QueueFullError:
+        """The refusal of ``n`` items of ``tenant`` that do not fit ``room_for(tenant)``."""
+        if tenant and self.max_queue_share < 1 and len(self) < self.max_queue_size:
+            return QueueFullError(
+                f"tenant {tenant!r} has {self.queued_by_tenant[tenant]} items queued; {n} more would exceed its "
+                f"share of the queue (max_queue_share={self.max_queue_share:g} of max_queue_size={self.max_queue_size} "
+                f"less other tenants' items); retry with backoff")
+        return QueueFullError(
+            f"server overloaded: {len(self)} items queued (max_queue_size={self.max_queue_size}); retry with backoff")
+
+    async def wait_for_room(self, tenant: str, n: int = 1) -> None:
+        """Return once ``n`` items of ``tenant`` fit (backpressure for streams)."""
+        while self.room_for(tenant) < n:
+            self._room.clear()
+            await self._room.wait()
+
     def submit(self, item: PendingItem) -> None:
-        """Queue one item; raises QueueFullError when ``max_queue_size`` items are waiting."""
-        if len(self) >= self.max_queue_size:
-            raise QueueFullError(
-                f"server overloaded: {len(self)} items queued (max_queue_size={self.max_queue_size}); retry with backoff"
-            )
+        """Queue one item; QueueFullError when the queue (or its tenant's share) is full."""
+        if self.room_for(item.tenant) < 1:
+            raise self.full_error(item.tenant, 1)
         item.enqueued_at = asyncio.get_running_loop().time()
         self._queue.append(item)
+        self.queued_by_tenant[item.tenant] += 1
         self._signal()
+
+    def _left(self, item: PendingItem) -> None:
+        """Account for an item taken off the queue (to a batch, or dropped)."""
+        n = self.queued_by_tenant[item.tenant] - 1
+        if n > 0:
+            self.queued_by_tenant[item.tenant] = n
+        else:
+            del self.queued_by_tenant[item.tenant]
+        self._room.set()
 
     def requeue(self, items: list[PendingItem]) -> None:
         """Put items of a failed batch back at the front; they will be sent one per batch."""
         self._retry.extend(items)
+        self.queued_by_tenant.update(it.tenant for it in items)
         self._signal()
 
     def requeue_front(self, items: list[PendingItem]) -> None:
         """Put items that were not at fault back at the head of the queue, in their order."""
         self._queue.extendleft(reversed(items))
+        self.queued_by_tenant.update(it.tenant for it in items)
         self._signal()
 
     def _signal(self) -> None:
@@ -125,6 +173,7 @@ class DynamicBatcher:
     def _take_retry(self, now: float) -> list[PendingItem]:
         while self._retry:
             item = self._retry.popleft()
+            self._left(item)
             if not self._dropped(item, now):
                 return [item]
         return []
@@ -133,6 +182,7 @@ class DynamicBatcher:
         batch: list[PendingItem] = []
         while self._queue and len(batch) < self.max_batch_size:
             item = self._queue.popleft()
+            self._left(item)
             if not self._dropped(item, now):
                 batch.append(item)
         return batch
