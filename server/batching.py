@@ -41,7 +41,8 @@ class DynamicBatcher:
     """Collects items up to ``max_batch_size`` or ``max_batch_delay_ms``, whichever comes first.
 
     The queue is bounded: ``submit`` raises QueueFullError (RESOURCE_EXHAUSTED) instead of letting
-    memory grow. Items whose requests were cancelled or are past their deadline are dropped when
+    memory grow. With tenants, each may hold at most ``max_queue_share`` of what the others leave
+    free (``room_for``), and batches take items from the tenants in turn. Items whose requests were cancelled or are past their deadline are dropped when
     a batch is formed, so they never cost a worker anything. Items that were in a batch that
     killed a worker come back through ``requeue`` and are then sent alone, so one poisonous input
     cannot take its neighbours down with it.
@@ -63,7 +64,11 @@ class DynamicBatcher:
         self.max_queue_share = max_queue_share
         self.queued_by_tenant: collections.Counter[str] = collections.Counter()
         self._room = asyncio.Event()  # set whenever items leave the queue
-        self._queue: collections.deque[PendingItem] = collections.deque()
+        # One FIFO per tenant, in round-robin order (a dict keeps it: the tenant served last
+        # moves to the end), so a batch takes turns between tenants: one tenant's flood never
+        # stands in front of another's few items. Without tokens there is one tenant, "": FIFO.
+        self._queues: dict[str, collections.deque[PendingItem]] = {}
+        self._queued = 0
         self._retry: collections.deque[PendingItem] = collections.deque()
         self._nonempty = asyncio.Event()
         self._full = asyncio.Event()
@@ -71,7 +76,7 @@ class DynamicBatcher:
         self._on_depth = on_depth or (lambda depth: None)
 
     def __len__(self) -> int:
-        return len(self._queue) + len(self._retry)
+        return self._queued + len(self._retry)
 
     def room_for(self, tenant: str) -> int:
         """How many more items ``tenant`` may queue now.
@@ -109,7 +114,11 @@ class DynamicBatcher:
         if self.room_for(item.tenant) < 1:
             raise self.full_error(item.tenant, 1)
         item.enqueued_at = asyncio.get_running_loop().time()
-        self._queue.append(item)
+        queue = self._queues.get(item.tenant)
+        if queue is None:
+            queue = self._queues[item.tenant] = collections.deque()
+        queue.append(item)
+        self._queued += 1
         self.queued_by_tenant[item.tenant] += 1
         self._signal()
 
@@ -130,13 +139,20 @@ class DynamicBatcher:
 
     def requeue_front(self, items: list[PendingItem]) -> None:
         """Put items that were not at fault back at the head of the queue, in their order."""
-        self._queue.extendleft(reversed(items))
+        by_tenant: dict[str, list[PendingItem]] = {}
+        for it in items:
+            by_tenant.setdefault(it.tenant, []).append(it)
+        for tenant, its in by_tenant.items():
+            queue = self._queues.pop(tenant, collections.deque())
+            queue.extendleft(reversed(its))
+            self._queues = {tenant: queue, **self._queues}  # their turn first (rare: after a worker died)
+        self._queued += len(items)
         self.queued_by_tenant.update(it.tenant for it in items)
         self._signal()
 
     def _signal(self) -> None:
         self._nonempty.set()
-        if len(self._queue) >= self.max_batch_size:
+        if self._queued >= self.max_batch_size:
             self._full.set()
         self._on_depth(len(self))
 
@@ -152,14 +168,14 @@ class DynamicBatcher:
                 self._nonempty.clear()
                 await self._nonempty.wait()
             if full_only:
-                while len(self._queue) < self.max_batch_size:
+                while self._queued < self.max_batch_size:
                     self._full.clear()
                     await self._full.wait()
                 batch = self._take(loop.time())
             elif self._retry:
                 batch = self._take_retry(loop.time())
             else:
-                if len(self._queue) < self.max_batch_size and self.max_batch_delay_s > 0:
+                if self._queued < self.max_batch_size and self.max_batch_delay_s > 0:
                     self._full.clear()
                     try:
                         await asyncio.wait_for(self._full.wait(), self.max_batch_delay_s)
@@ -180,12 +196,22 @@ class DynamicBatcher:
 
     def _take(self, now: float) -> list[PendingItem]:
         batch: list[PendingItem] = []
-        while self._queue and len(batch) < self.max_batch_size:
-            item = self._queue.popleft()
+        while self._queued and len(batch) < self.max_batch_size:
+            item = self._pop_next()
             self._left(item)
             if not self._dropped(item, now):
                 batch.append(item)
         return batch
+
+    def _pop_next(self) -> PendingItem:
+        """The first item of the tenant whose turn it is; that tenant goes to the back of the line."""
+        tenant, queue = next(iter(self._queues.items()))
+        item = queue.popleft()
+        self._queued -= 1
+        del self._queues[tenant]
+        if queue:
+            self._queues[tenant] = queue
+        return item
 
     def _dropped(self, item: PendingItem, now: float) -> bool:
         reason = item.abandoned(now)
