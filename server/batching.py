@@ -41,8 +41,8 @@ class DynamicBatcher:
     """Collects items up to ``max_batch_size`` or ``max_batch_delay_ms``, whichever comes first.
 
     The queue is bounded: ``submit`` raises QueueFullError (RESOURCE_EXHAUSTED) instead of letting
-    memory grow. With tenants, each may hold at most ``max_queue_share`` of what the others leave
-    free (``room_for``), and batches take items from the tenants in turn. Items whose requests were cancelled or are past their deadline are dropped when
+    memory grow. With tenants, each may hold only its share of the queue (``room_for``), and
+    batches take items from the tenants in turn. Items whose requests were cancelled or are past their deadline are dropped when
     a batch is formed, so they never cost a worker anything. Items that were in a batch that
     killed a worker come back through ``requeue`` and are then sent alone, so one poisonous input
     cannot take its neighbours down with it.
@@ -81,16 +81,18 @@ class DynamicBatcher:
     def room_for(self, tenant: str) -> int:
         """How many more items ``tenant`` may queue now.
 
-        Without tenants ("") the whole free queue. A tenant may hold at most ``max_queue_share``
-        of what the other tenants leave free, so however many tenants flood the queue, there is
-        always room for another (one flooding tenant of two holds at most half the queue; k
-        flooders settle at share/(1 + share*(k-1)) of it each).
+        Without tenants ("") the whole free queue. A tenant's share is ``max_queue_size`` divided
+        by one more than the number of tenants with items queued (itself included), and at most
+        ``max_queue_share`` of it: a lone flooder holds half the queue, n flooders settle at
+        1/(n+1) each, always leaving a share's worth of room for a newcomer. (Tenants admitted
+        under a larger share keep what they hold until it drains; they are refused meanwhile.)
         """
         free = self.max_queue_size - len(self)
         if not tenant or self.max_queue_share >= 1:
             return max(0, free)
         mine = self.queued_by_tenant[tenant]
-        share = int(self.max_queue_share * (self.max_queue_size - (len(self) - mine)))
+        active = len(self.queued_by_tenant) - (1 if "" in self.queued_by_tenant else 0) + (0 if mine else 1)
+        share = int(self.max_queue_size * min(self.max_queue_share, 1.0 / (active + 1)))
         return max(0, min(free, share - mine))
 
     def full_error(self, tenant: str, n: int) -> QueueFullError:
@@ -98,8 +100,8 @@ class DynamicBatcher:
         if tenant and self.max_queue_share < 1 and len(self) < self.max_queue_size:
             return QueueFullError(
                 f"tenant {tenant!r} has {self.queued_by_tenant[tenant]} items queued; {n} more would exceed its "
-                f"share of the queue (max_queue_share={self.max_queue_share:g} of max_queue_size={self.max_queue_size} "
-                f"less other tenants' items); retry with backoff")
+                f"share of the queue (max_queue_size={self.max_queue_size} over {len(self.queued_by_tenant) + 1} "
+                f"(tenants queued + 1), at most max_queue_share={self.max_queue_share:g} of it); retry with backoff")
         return QueueFullError(
             f"server overloaded: {len(self)} items queued (max_queue_size={self.max_queue_size}); retry with backoff")
 

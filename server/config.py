@@ -49,8 +49,8 @@ class ServerConfig:
     pipeline_depth: int = _field(2, "batches in flight per worker: the next is sent while one computes (1 = one at a time)")
     max_batch_delay_ms: float = _field(5.0, "longest an item waits for a batch to fill")
     max_queue_size: int = _field(2048, "items waiting for a worker before requests get RESOURCE_EXHAUSTED")
-    max_queue_share: float = _field(0.5, "with --tokens-file: most of the queue one tenant's items may hold, as a "
-                                    "fraction of what other tenants leave free (1 = no per-tenant share)")
+    max_queue_share: float = _field(0.5, "with --tokens-file: each tenant may queue max_queue_size / (tenants with "
+                                    "items queued + 1) items, and at most this fraction of it (1 = no shares)")
     claim_ttl_ms: int = _field(30_000, "with --redis-url: how long a replica's claim on an input it computes lasts "
                                "unless renewed (renewed every third of it while the input waits)")
     max_items_per_request: int = _field(4096, "most inputs in one request")
