@@ -117,3 +117,39 @@ def test_cancelled_leader_still_writes_and_releases(redis_server, start_server):
         third = stub.Extract(_request([img], FAULTY), timeout=GENEROUS_S)
         assert third.results[0].HasField("features") and third.results[0].cache_hit
     assert not redis_server.client().keys("fb1claim:*")  # every claim given back
+
+
+def test_claims_are_leases_with_an_owner_token(redis_server):
+    """A claim is given back only by its own token (compare-and-delete) and extended by it; it is
+    taken over from an abandoned owner of the same process, never from another process, and not
+    taken at all when the value is already cached."""
+    import asyncio
+
+    from featurebank.server.cache import CLAIM_CACHED, CLAIM_HELD, CLAIM_TAKEN, RedisCache, claim_key
+    from featurebank.server.metrics import Metrics
+
+    client = redis_server.client()
+
+    async def main():
+        here, there = (RedisCache(redis_server.url, ttl_seconds=60, timeout_s=2, metrics=Metrics()) for _ in range(2))
+        first, second, other = here.claim_token(), here.claim_token(), there.claim_token()
+        try:
+            assert await here.claim_many(["k"], 1000, [first]) == [CLAIM_TAKEN]
+            assert await there.claim_many(["k"], 1000, [other]) == [CLAIM_HELD]
+            await there.release_many(["k"], [other])  # not its claim: nothing happens
+            assert client.get(claim_key("k")) == first.encode()
+            assert await here.claim_many(["k"], 60_000, [first]) == [CLAIM_TAKEN]  # extended
+            assert client.pttl(claim_key("k")) > 30_000
+            assert await here.claim_many(["k"], 1000, [second]) == [CLAIM_TAKEN]  # the first owner was abandoned
+            await here.release_many(["k"], [first])
+            assert client.get(claim_key("k")) == second.encode()
+            await here.release_many(["k"], [second])
+            assert client.get(claim_key("k")) is None
+            await here.set_many([("k", b"features")])
+            assert await there.claim_many(["k"], 1000, [other]) == [CLAIM_CACHED]
+            assert client.get(claim_key("k")) is None
+        finally:
+            await here.close()
+            await there.close()
+
+    asyncio.run(main())
