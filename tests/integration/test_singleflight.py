@@ -153,3 +153,31 @@ def test_claims_are_leases_with_an_owner_token(redis_server):
             await there.close()
 
     asyncio.run(main())
+
+
+def test_claim_is_renewed_while_the_input_waits_in_the_queue(redis_server):
+    """An input queued on one replica for longer than the claim TTL keeps its claim: a second
+    replica asking for it meanwhile waits and reads it from the cache instead of computing it."""
+    from support import ServerProcess
+
+    args = ("--backbone", FAULTY, "--redis-url", redis_server.url, "--claim-ttl-ms", "1000", "--max-batch-size", "1",
+            "--pipeline-depth", "1")
+    env = {"FB_TEST_FORWARD_DELAY_MS": "1500"}
+    first, second = ServerProcess(*args, env=env).spawn(), ServerProcess(*args, env=env).spawn()
+    try:
+        for s in (first, second):
+            s.wait_ready()
+        busy_img, img = random_images(2, seed=1006)
+        with grpc.insecure_channel(first.target) as ch1, grpc.insecure_channel(second.target) as ch2:
+            one, two = pb_grpc.FeatureBankStub(ch1), pb_grpc.FeatureBankStub(ch2)
+            busy = one.Extract.future(_request([busy_img], FAULTY, pb.BYPASS), timeout=60)
+            wait_until(lambda: first.metric("featurebank_batch_size_count") >= 1, 20, "the worker to be busy")
+            computing = one.Extract.future(_request([img], FAULTY), timeout=60)
+            wait_until(lambda: first.metric("featurebank_queue_depth") >= 1, 10, "the input to queue behind it")
+            elsewhere = two.Extract(_request([img], FAULTY), timeout=60)  # asked while queued, past the 1 s TTL
+            assert elsewhere.results[0].HasField("features") and elsewhere.results[0].cache_hit
+            assert computing.result().results[0].HasField("features") and busy.result()
+        assert second.metric("featurebank_batch_size_count") == 0  # the second replica computed nothing
+    finally:
+        for s in (first, second):
+            assert s.terminate() == 0
