@@ -133,7 +133,9 @@ class MissPath:
                             except codec.CorruptValueError:
                                 break  # compute it here (and overwrite it)
                             item.from_cache = True
-                            return Computed(features, from_cache=True)
+                            computed = Computed(features, from_cache=True)
+                            flight.resolve(computed)
+                            return computed
                         continue  # gone again (evicted): claim it
                     await asyncio.sleep(delay)  # CLAIM_HELD: another replica computes it; it writes, then releases
                     delay = min(delay * 2, MAX_POLL_S)
@@ -148,7 +150,14 @@ class MissPath:
             if write:
                 await self._write((key, codec.encode(features)))
                 self._remember(key, features)
-            return Computed(features)
+            computed = Computed(features)
+            flight.resolve(computed)  # answered now: the claim is given back after
+            return computed
+        except Exception:
+            # Failed (queue full, dropped past its deadline, a bad input): the requests waiting get
+            # this error, but a request arriving during the clean-up starts afresh.
+            self.flights.forget(flight)
+            raise
         finally:
             if not item.future.done():
                 item.future.cancel()  # nobody waits any more: the batcher drops it before a worker

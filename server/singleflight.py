@@ -81,10 +81,14 @@ class Group(Generic[T]):
             if flight.waiters <= 0 and not flight.result.done():  # the last one left before the end
                 self._abandon(flight)
 
-    def _abandon(self, flight: Flight[T]) -> None:
-        """Nobody waits any more: free the key at once, and let the owner clean up."""
+    def forget(self, flight: Flight[T]) -> None:
+        """Free the key now (its owner still finishing): the next join starts a new flight."""
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
+
+    def _abandon(self, flight: Flight[T]) -> None:
+        """Nobody waits any more: free the key at once, and let the owner clean up."""
+        self.forget(flight)
         task = flight.task
         if task is not None and not task.done():
             self._closing.add(task)

@@ -127,6 +127,31 @@ async def test_a_resolved_flight_is_joinable_until_its_owner_ends():
     assert "k" not in group
 
 
+async def test_a_failed_owner_frees_the_key_while_it_cleans_up():
+    """An owner that failed and forgets its flight answers its callers with the error, while a
+    caller arriving during its clean-up starts a new flight instead of getting a stale error."""
+    group = Group()
+    cleanup = asyncio.Event()
+
+    async def fails_then_cleans_up(flight):
+        try:
+            raise QueueFullError("queue full")
+        except QueueFullError as e:
+            flight.fail(e)
+            group.forget(flight)
+            await cleanup.wait()  # e.g. giving its claim back
+            raise
+
+    flight, _ = group.join("k", fails_then_cleans_up)
+    with pytest.raises(QueueFullError):
+        await asyncio.wait_for(group.wait(flight), PROMPT_S)
+    fresh = Owner()
+    fresh.release.set()
+    again, started = group.join("k", fresh)
+    assert started and await asyncio.wait_for(group.wait(again), PROMPT_S) == "value"
+    cleanup.set()
+
+
 async def test_coalescer_sends_one_call_per_loop_turn_and_survives_a_caller_leaving():
     """Calls made in one loop turn go to one batched call; a caller that leaves does not cancel the others'."""
     calls: list[list[int]] = []
