@@ -29,6 +29,8 @@ class FeatureCache(abc.ABC):
     async def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Store values with the configured TTL (one round trip)."""
 
+    has_claims = False  # whether other processes share this cache (and claims mean anything)
+
     def claim_token(self) -> str:
         """A token naming one owner of claims (one computation of one key)."""
         return ""
@@ -154,6 +156,7 @@ class RedisCache(FeatureCache):
     """
 
     name = "redis"
+    has_claims = True
 
     def __init__(
         self,

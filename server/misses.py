@@ -76,6 +76,7 @@ class MissPath:
             return {}
         batcher = served.batcher
         name = served.info.name
+        claim = claim and self.cache.has_claims
         new = [k for k in keys if k not in self.flights]
         if new and not wait_for_room:
             room = batcher.room_for(tenant)
@@ -97,7 +98,7 @@ class MissPath:
                 item.deadline = None if (item.deadline is None or deadline is None) else max(item.deadline, deadline)
                 self.metrics.singleflight_joins.labels(name).inc()
             flights.append(flight)
-        outcomes = await asyncio.gather(*(self.flights.wait(f) for f in flights), return_exceptions=True)
+        outcomes = await self.flights.wait_all(flights)
         for o in outcomes:
             if isinstance(o, QueueFullError):
                 raise o  # some of these items could not be queued: the request is refused, as above

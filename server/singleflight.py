@@ -81,6 +81,22 @@ class Group(Generic[T]):
             if flight.waiters <= 0 and not flight.result.done():  # the last one left before the end
                 self._abandon(flight)
 
+    async def wait_all(self, flights: list[Flight[T]]) -> list[T | BaseException]:
+        """``wait`` on several flights at once: each result or exception, in order (one wait, no
+        task per flight). Leaving (cancelled) leaves every one of them."""
+        try:
+            await asyncio.wait([f.result for f in flights])
+        finally:
+            for f in flights:
+                f.waiters -= 1
+                if f.waiters <= 0 and not f.result.done():
+                    self._abandon(f)
+        out: list[T | BaseException] = []
+        for f in flights:
+            r = f.result
+            out.append(asyncio.CancelledError() if r.cancelled() else (r.exception() or r.result()))
+        return out
+
     def forget(self, flight: Flight[T]) -> None:
         """Free the key now (its owner still finishing): the next join starts a new flight."""
         if self._flights.get(flight.key) is flight:
