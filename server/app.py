@@ -85,6 +85,7 @@ class FeatureBankServer:
             options = {"max_image_pixels": c.max_image_pixels, "batch_buckets": batch_buckets(c.max_batch_size), **options}
             batcher = DynamicBatcher(
                 max_batch_size=c.max_batch_size, max_batch_delay_ms=c.max_batch_delay_ms, max_queue_size=c.max_queue_size,
+                max_queue_share=c.max_queue_share if c.tokens_file else 1.0,
                 on_drop=lambda item, reason, n=name: self.metrics.dropped_items.labels(n, reason).inc(),
                 on_depth=lambda depth, n=name: self.metrics.queue_depth.labels(n).set(depth),
             )
@@ -184,7 +185,7 @@ class FeatureBankServer:
         # FeatureBank RPCs answer UNAVAILABLE until then.
         self.servicer = FeatureBankServicer({}, self.cache, self.metrics, storage_dtype=c.cache_dtype,
                                             max_items_per_request=c.max_items_per_request,
-                                            stream_window=c.stream_window, heads=self.heads,
+                                            stream_window=c.stream_window, heads=self.heads, claim_ttl_ms=c.claim_ttl_ms,
                                             head_limits=HeadLimits(c.max_head_parameters, c.max_head_width),
                                             heads_cache_bytes=c.heads_cache_bytes,
                                             shared_cache_backbones=[b for b in c.shared_cache_backbones.split(",") if b])

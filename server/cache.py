@@ -29,16 +29,24 @@ class FeatureCache(abc.ABC):
     async def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Store values with the configured TTL (one round trip)."""
 
-    async def claim_many(self, keys: Sequence[str], ttl_ms: int) -> list[bool]:
-        """Claim the right to compute each key; False where another process holds the claim.
+    has_claims = False  # whether other processes share this cache (and claims mean anything)
+
+    def claim_token(self) -> str:
+        """A token naming one owner of claims (one computation of one key)."""
+        return ""
+
+    async def claim_many(self, keys: Sequence[str], ttl_ms: int, tokens: Sequence[str] | None = None) -> list[int]:
+        """Claim (or, with the token already holding it, extend) the right to compute each key for
+        ``ttl_ms``: CLAIM_TAKEN, CLAIM_HELD where another process holds the claim, or
+        CLAIM_CACHED where the value is in the cache already (nothing to compute).
 
         An in-process cache has no other processes: every claim succeeds (single-flight inside
         the process already dedupes).
         """
-        return [True] * len(keys)
+        return [CLAIM_TAKEN] * len(keys)
 
-    async def release_many(self, keys: Sequence[str]) -> None:
-        """Give claims back once their values are written."""
+    async def release_many(self, keys: Sequence[str], tokens: Sequence[str] | None = None) -> None:
+        """Give back the claims these tokens hold (compare-and-delete: never another owner's)."""
         return None
 
     async def close(self) -> None:
@@ -46,6 +54,37 @@ class FeatureCache(abc.ABC):
 
 
 CLAIM_PREFIX = "fb1claim:"
+CLAIM_HELD, CLAIM_TAKEN, CLAIM_CACHED = 0, 1, 2  # what claim_many answers per key
+
+
+def claim_key(key: str) -> str:
+    """The claim on a cache key: its hash tag is the cache key, so both live in one Redis Cluster
+    slot and the claim script can see whether the value is there."""
+    return CLAIM_PREFIX + "{" + key + "}"
+
+
+# Claims are leases with an owner token ("<process token>:<n>"), taken, extended and released by
+# scripts so each step is one atomic compare on the server (Redis, valkey and Redis Cluster alike:
+# one slot per script). A claim is taken when it is free, already this owner's, or left behind by
+# an earlier owner in this same process: inside one process single-flight allows one live owner
+# per key, so such a claim belongs to an owner that was abandoned before it could release it.
+CLAIM_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 2
+end
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] and string.sub(held, 1, string.len(ARGV[3])) ~= ARGV[3] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 def is_cluster_url(url: str) -> bool:
@@ -129,6 +168,7 @@ class RedisCache(FeatureCache):
     """
 
     name = "redis"
+    has_claims = True
 
     def __init__(
         self,
@@ -147,7 +187,8 @@ class RedisCache(FeatureCache):
         self._client = None
         self._down_until = 0.0
         self._outage = False
-        self._token = os.urandom(8).hex()  # who holds a claim, for debugging with redis-cli
+        self._token = os.urandom(8).hex()  # this process, in its claims' tokens
+        self._claims_made = 0
 
     @property
     def cluster(self) -> bool:
@@ -209,28 +250,35 @@ class RedisCache(FeatureCache):
             return
         self._ok()
 
-    async def claim_many(self, keys: Sequence[str], ttl_ms: int) -> list[bool]:
-        """SET claim NX PX for every key in one pipeline: replicas compute each new input once."""
+    def claim_token(self) -> str:
+        self._claims_made += 1
+        return f"{self._token}:{self._claims_made}"
+
+    async def claim_many(self, keys: Sequence[str], ttl_ms: int, tokens: Sequence[str] | None = None) -> list[int]:
+        """The claim script for every key in one pipeline: replicas compute each new input once."""
         if not keys or not self._available():
-            return [True] * len(keys)
+            return [CLAIM_TAKEN] * len(keys)
+        tokens = tokens or [f"{self._token}:0"] * len(keys)
+        prefix = self._token + ":"
         try:
             pipe = self._redis().pipeline(transaction=False)
-            for k in keys:
-                pipe.set(CLAIM_PREFIX + k, self._token, nx=True, px=ttl_ms)
+            for k, t in zip(keys, tokens):
+                pipe.eval(CLAIM_SCRIPT, 2, claim_key(k), k, t, int(ttl_ms), prefix)
             async with asyncio.timeout(self.timeout_s):
                 results = await pipe.execute()
         except Exception as e:
             self._failed("claim", e)
-            return [True] * len(keys)  # without Redis, compute locally
-        return [bool(r) for r in results]
+            return [CLAIM_TAKEN] * len(keys)  # without Redis, compute locally
+        return [int(r) for r in results]
 
-    async def release_many(self, keys: Sequence[str]) -> None:
+    async def release_many(self, keys: Sequence[str], tokens: Sequence[str] | None = None) -> None:
         if not keys or not self._available():
             return
+        tokens = tokens or [f"{self._token}:0"] * len(keys)
         try:
             pipe = self._redis().pipeline(transaction=False)
-            for k in keys:
-                pipe.delete(CLAIM_PREFIX + k)
+            for k, t in zip(keys, tokens):
+                pipe.eval(RELEASE_SCRIPT, 1, claim_key(k), t)
             async with asyncio.timeout(self.timeout_s):
                 await pipe.execute()
         except Exception as e:

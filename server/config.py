@@ -66,6 +66,10 @@ class ServerConfig:
     pipeline_depth: int = _field(2, "batches in flight per worker: the next is sent while one computes (1 = one at a time)")
     max_batch_delay_ms: float = _field(5.0, "longest an item waits for a batch to fill")
     max_queue_size: int = _field(2048, "items waiting for a worker before requests get RESOURCE_EXHAUSTED")
+    max_queue_share: float = _field(0.5, "with --tokens-file: each tenant may queue max_queue_size / (tenants with "
+                                    "items queued + 1) items, and at most this fraction of it (1 = no shares)")
+    claim_ttl_ms: int = _field(30_000, "with --redis-url: how long a replica's claim on an input it computes lasts "
+                               "unless renewed (renewed every third of it while the input waits)")
     max_items_per_request: int = _field(4096, "most inputs in one request")
     max_message_bytes: int = _field(4 * 1024 * 1024, "largest request message accepted (RESOURCE_EXHAUSTED above, unread); "
                                     "the SDK splits requests under 3 MiB, sending only a single larger input alone")
@@ -122,6 +126,8 @@ class ServerConfig:
             ("pipeline_depth", 1 <= self.pipeline_depth <= 8, "1..8"),
             ("max_batch_delay_ms", 0 <= self.max_batch_delay_ms <= 10_000, "0..10000"),
             ("max_queue_size", self.max_queue_size >= self.max_batch_size, f">= max_batch_size ({self.max_batch_size})"),
+            ("max_queue_share", 0 < self.max_queue_share <= 1, "0 < share <= 1"),
+            ("claim_ttl_ms", 1000 <= self.claim_ttl_ms <= 3_600_000, "1000..3600000"),
             ("max_items_per_request", self.max_items_per_request >= 1, ">= 1"),
             ("max_message_bytes", 1 << 20 <= self.max_message_bytes <= 2**31 - 1, "1 MiB .. 2 GiB"),
             ("max_text_bytes", 1 <= self.max_text_bytes <= self.max_message_bytes, f"1 .. max_message_bytes ({self.max_message_bytes})"),

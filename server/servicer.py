@@ -20,10 +20,10 @@ from featurebank.client import keys as content_keys
 from featurebank.client import tensors
 from featurebank.server import codec
 from featurebank.server.auth import current_tenant
-from featurebank.server.batching import DynamicBatcher, PendingItem
+from featurebank.server.batching import DynamicBatcher
 from featurebank.server.cache import FeatureCache
 from featurebank.server.errors import (
-    FailedPreconditionError, FeatureBankError, InvalidArgumentError, NotFoundError, QueueFullError, UnavailableError,
+    FailedPreconditionError, FeatureBankError, InvalidArgumentError, NotFoundError, UnavailableError,
 )
 from featurebank.server.head_rpcs import HeadRPCs
 from featurebank.server.head_store import DirectoryHeadStore, HeadStore
@@ -31,6 +31,7 @@ from featurebank.server.heads import CompiledHeadCache, HeadLimits
 from featurebank.server.keys import cache_key, cache_keys
 from featurebank.server.limits import current_gate, items_in_flight
 from featurebank.server.metrics import Metrics
+from featurebank.server.misses import MissPath
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 from featurebank.workers.backbones.base import BackboneInfo, InputItem
@@ -121,18 +122,15 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         self.shared_cache_backbones = frozenset(shared_cache_backbones)
         # Cross-replica single-flight: how long a claim on a key lasts before others compute it too.
         self.claim_ttl_ms = claim_ttl_ms
-        self._tasks: set[asyncio.Task] = set()
         self._hasher: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first large input
         self.heads = heads if heads is not None else DirectoryHeadStore(os.path.join(os.getcwd(), "featurebank-heads"))
         self.head_limits = head_limits
         self._compiled_heads = CompiledHeadCache(heads_cache_bytes)
         self._head_threads: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first head RPC
-        # Single-flight: cache key -> the computation in flight for it, shared by every request.
-        self.inflight: dict[str, PendingItem] = {}
-        # The last few results released from single-flight: closes the window between a leader's
-        # cache write and a concurrent request's cache read, so an input is computed once.
-        self.recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-        self.recent_max_items = 1024
+        # Single-flight: one owner task per cache key in flight, shared by every request.
+        self.misses = MissPath(cache, metrics, storage_dtype=storage_dtype, claim_ttl_ms=claim_ttl_ms)
+        self.inflight = self.misses.flights
+        self.recent = self.misses.recent  # computed a moment ago: see MissPath.recent
         self.default_for_kind: dict[str, str] = {}
         self.set_backbones(backbones)
 
@@ -284,11 +282,12 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         a unary call is refused at once, a stream's message waits for room (``wait_for_room``).
         """
         if current_gate.get() is None:  # no tenant limits: no context manager on the hot path
-            return await self._extract(request, context)
+            return await self._extract(request, context, wait_for_room)
         async with items_in_flight(len(request.inputs), wait=wait_for_room):
-            return await self._extract(request, context)
+            return await self._extract(request, context, wait_for_room)
 
-    async def _extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None) -> pb.ExtractResponse:
+    async def _extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None,
+                       wait_for_room: bool = False) -> pb.ExtractResponse:
         n = len(request.inputs)
         if n == 0:
             raise InvalidArgumentError("no inputs: send at least one Input")
@@ -346,33 +345,27 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
                 for i in todo[key]:
                     results[i].cache_hit = True
 
-        # 3. the misses, single-flight across requests, batched across requests
+        # 3. the misses, single-flight across requests (one owner task per key, which also writes
+        # the cache), batched across requests
         misses = [k for k in todo if k not in features and k not in cached]
-        led: dict[str, PendingItem] = {}
-        written: dict[str, np.ndarray] = {}
-        try:
-            computed = await self._compute(served, layer, misses, payloads, context, led,
-                                           claim=request.cache_policy == pb.USE)
-            writes = []
+        if misses:
+            remaining = context.time_remaining() if context is not None else None
+            tenant = current_tenant.get()
+            computed = await self.misses.compute(
+                served, layer, misses, payloads,
+                deadline=None if remaining is None else asyncio.get_running_loop().time() + remaining,
+                tenant=tenant.name if tenant is not None else "", claim=request.cache_policy == pb.USE,
+                write=request.cache_policy != pb.BYPASS, wait_for_room=wait_for_room)
             for key, outcome in computed.items():
                 if isinstance(outcome, BaseException):
                     code = outcome.code if isinstance(outcome, FeatureBankError) else grpc.StatusCode.INTERNAL
                     for i in todo[key]:
                         _set_error(results[i], code, str(outcome))
                     continue
-                features[key] = outcome
-                if key in led and led[key].from_cache:  # another replica computed and stored it
+                features[key] = outcome.features
+                if outcome.from_cache:  # another replica computed and stored it
                     for i in todo[key]:
                         results[i].cache_hit = True
-                elif request.cache_policy != pb.BYPASS and key in led:
-                    writes.append((key, codec.encode(outcome)))
-                    written[key] = outcome
-            if writes:
-                await self.cache.set_many(writes)
-            if request.cache_policy == pb.USE:
-                await self.cache.release_many([k for k, p in led.items() if not p.from_cache])
-        finally:
-            self._release(led, written)
 
         # 4. answer in input order
         want = _OUTPUT_TENSOR_DTYPES[request.output_dtype]
@@ -395,116 +388,6 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             if c:
                 self.metrics.items.labels(name, layer, result_kind).inc(c)
         return response
-
-    async def _compute(self, served: ServedBackbone, layer: str, keys: list[str], payloads: dict[str, InputItem],
-                       context: grpc.aio.ServicerContext, led: dict[str, PendingItem],
-                       claim: bool = False) -> dict[str, Any]:
-        """Features (or the exception) per cache key, joining computations already in flight.
-
-        Keys this request started are added to ``led``: the request writes them to the cache and
-        then releases them, so a request arriving meanwhile joins instead of recomputing. With
-        ``claim``, a shared cache is asked first who computes each new key: keys another replica
-        is computing are awaited from the cache instead (``PendingItem.from_cache``).
-        """
-        if not keys:
-            return {}
-        loop = asyncio.get_running_loop()
-        remaining = context.time_remaining() if context is not None else None
-        deadline = loop.time() + remaining if remaining is not None else None
-        new = [k for k in keys if not (k in self.inflight and not self.inflight[k].future.done())]
-        free = served.batcher.max_queue_size - len(served.batcher)
-        if len(new) > free:
-            self.metrics.rejected_items.labels(served.info.name).inc(len(new))
-            raise QueueFullError(
-                f"server overloaded: {len(served.batcher)} items queued for {served.info.name} "
-                f"(max_queue_size={served.batcher.max_queue_size}); retry with backoff")
-        pending: list[PendingItem] = []
-        for key in keys:
-            p = self.inflight.get(key)
-            if p is not None and not p.future.done():
-                p.waiters += 1
-                p.deadline = None if (p.deadline is None or deadline is None) else max(p.deadline, deadline)
-                self.metrics.singleflight_joins.labels(served.info.name).inc()
-            else:
-                p = PendingItem(payloads[key], layer, loop.create_future(), deadline)
-                self.inflight[key] = p
-                led[key] = p
-            pending.append(p)
-        started = [k for k in led if k in keys]
-        claimed = await self.cache.claim_many(started, self.claim_ttl_ms) if claim and started else [True] * len(started)
-        elsewhere = []
-        for key, mine in zip(started, claimed):
-            if mine:
-                served.batcher.submit(led[key])
-            else:
-                elsewhere.append(key)
-        if elsewhere:
-            self._background(self._await_other_replica(served, {k: led[k] for k in elsewhere}))
-        outcomes = await asyncio.gather(*(self._wait(p) for p in pending), return_exceptions=True)
-        out: dict[str, Any] = {}
-        for key, o in zip(keys, outcomes):
-            if isinstance(o, BaseException):
-                out[key] = o
-            else:
-                out[key] = np.asarray(o, dtype=self.storage_dtype)
-        return out
-
-    async def _await_other_replica(self, served: ServedBackbone, items: dict[str, PendingItem]) -> None:
-        """Poll the shared cache for keys another replica claimed; compute here what never arrives."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.claim_ttl_ms / 1000.0
-        delay = 0.005
-        while items and loop.time() < give_up:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
-            keys = list(items)
-            for key, value in zip(keys, await self.cache.get_many(keys)):
-                if value is None:
-                    continue
-                p = items.pop(key)
-                try:
-                    arr = codec.decode(value)
-                except codec.CorruptValueError:
-                    served.batcher.submit(p)
-                    continue
-                p.from_cache = True
-                if not p.future.done():
-                    p.future.set_result(arr)
-            for key in [k for k, p in items.items() if p.waiters <= 0]:
-                items.pop(key).future.cancel()  # everyone left
-        for p in items.values():  # the other replica died or is slow: compute it here
-            if not p.future.done():
-                try:
-                    served.batcher.submit(p)
-                except QueueFullError as e:
-                    p.future.set_exception(e)
-
-    def _background(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _release(self, led: dict[str, PendingItem], written: dict[str, np.ndarray]) -> None:
-        """Forget finished computations this request led, remembering those it wrote to the cache."""
-        for key, p in led.items():
-            if self.inflight.get(key) is not p:
-                continue
-            if p.future.done():
-                del self.inflight[key]
-                if key in written:
-                    self.recent[key] = written[key]
-                    if len(self.recent) > self.recent_max_items:
-                        self.recent.popitem(last=False)
-            else:  # this request was cancelled; others may still wait on it
-                p.future.add_done_callback(lambda _f, k=key, p=p: self.inflight.pop(k) if self.inflight.get(k) is p else None)
-
-    @staticmethod
-    async def _wait(p: PendingItem):
-        try:
-            return await asyncio.shield(p.future)
-        except asyncio.CancelledError:
-            p.waiters -= 1  # nobody left: the batcher drops it before it reaches a worker
-            raise
 
     async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.ExtractResponse:
         n = len(request.keys)
