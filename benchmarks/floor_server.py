@@ -38,8 +38,9 @@ class CannedResponses:
             response = pb.ExtractResponse(backbone="floor", layer="pooled", backbone_fingerprint="0" * 32)
             data = np.arange(self.dim, dtype="<f4").tobytes()
             for i in range(n):
-                response.results.add(features=pb.Tensor(dtype=pb.FLOAT32, shape=[self.dim], data=data),
-                                     cache_hit=True, key=f"{i:032x}")
+                response.results.add(
+                    features=pb.Tensor(dtype=pb.FLOAT32, shape=[self.dim], data=data), cache_hit=True, key=f"{i:032x}"
+                )
             r = self._by_count[n] = response.SerializeToString()
         return r
 
@@ -53,12 +54,16 @@ async def serve(host: str, port: int, port_file: str, dim: int) -> None:
     async def lookup(request: bytes, context) -> bytes:
         return canned.get(len(pb.LookupRequest.FromString(request).keys))
 
-    handler = grpc.method_handlers_generic_handler(SERVICE, {
-        "Extract": grpc.unary_unary_rpc_method_handler(extract),
-        "Lookup": grpc.unary_unary_rpc_method_handler(lookup),
-    })
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
-                                      ("grpc.max_send_message_length", 64 << 20)])
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Extract": grpc.unary_unary_rpc_method_handler(extract),
+            "Lookup": grpc.unary_unary_rpc_method_handler(lookup),
+        },
+    )
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    )
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()

@@ -77,15 +77,66 @@ class PngFactory:
         return [self.image(tag, i) for i in range(start, start + count)]
 
 
-_SUBJECTS = ("a man", "a woman", "the child", "an old dog", "two cats", "the pilot", "a chef", "the band",
-             "my neighbour", "a small robot", "the teacher", "a cyclist", "the farmer", "a student")
-_VERBS = ("is eating", "is painting", "is carrying", "is watching", "repairs", "is riding", "is reading",
-          "is playing", "photographs", "is cleaning", "is selling", "is climbing", "is feeding", "is building")
-_OBJECTS = ("a piece of bread", "a red bicycle", "the old guitar", "a wooden boat", "a map of the city",
-            "a basket of apples", "the kitchen table", "a paper kite", "a green umbrella", "a heavy box",
-            "the garden fence", "a bowl of soup", "a tall ladder", "a blue notebook")
-_PLACES = ("in the park", "near the river", "at the station", "on the roof", "in a quiet street",
-           "by the sea", "in the morning", "after dinner", "during the storm", "at the market")
+_SUBJECTS = (
+    "a man",
+    "a woman",
+    "the child",
+    "an old dog",
+    "two cats",
+    "the pilot",
+    "a chef",
+    "the band",
+    "my neighbour",
+    "a small robot",
+    "the teacher",
+    "a cyclist",
+    "the farmer",
+    "a student",
+)
+_VERBS = (
+    "is eating",
+    "is painting",
+    "is carrying",
+    "is watching",
+    "repairs",
+    "is riding",
+    "is reading",
+    "is playing",
+    "photographs",
+    "is cleaning",
+    "is selling",
+    "is climbing",
+    "is feeding",
+    "is building",
+)
+_OBJECTS = (
+    "a piece of bread",
+    "a red bicycle",
+    "the old guitar",
+    "a wooden boat",
+    "a map of the city",
+    "a basket of apples",
+    "the kitchen table",
+    "a paper kite",
+    "a green umbrella",
+    "a heavy box",
+    "the garden fence",
+    "a bowl of soup",
+    "a tall ladder",
+    "a blue notebook",
+)
+_PLACES = (
+    "in the park",
+    "near the river",
+    "at the station",
+    "on the roof",
+    "in a quiet street",
+    "by the sea",
+    "in the morning",
+    "after dinner",
+    "during the storm",
+    "at the market",
+)
 
 
 def reference_sentences() -> list[str]:

@@ -25,6 +25,7 @@ import numpy as np
 from featurebank.client.errors import FeatureBankError
 from featurebank.v1 import featurebank_pb2 as pb
 
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -50,11 +51,13 @@ class RequestFactory:
         dtype = {"FLOAT32": pb.FLOAT32, "FLOAT16": pb.FLOAT16}[spec.get("output_dtype", "FLOAT32")]
         self.method = spec.get("method", "Extract")
         if self.method == "Lookup":  # content keys instead of inputs; LookupRequest.keys is field 3 too
-            self.header = pb.LookupRequest(backbone=spec["backbone"], layer=spec.get("layer", ""),
-                                           output_dtype=dtype).SerializeToString()
+            self.header = pb.LookupRequest(
+                backbone=spec["backbone"], layer=spec.get("layer", ""), output_dtype=dtype
+            ).SerializeToString()
         else:
-            self.header = pb.ExtractRequest(backbone=spec["backbone"], layer=spec.get("layer", ""), output_dtype=dtype,
-                                            cache_policy=policy).SerializeToString()
+            self.header = pb.ExtractRequest(
+                backbone=spec["backbone"], layer=spec.get("layer", ""), output_dtype=dtype, cache_policy=policy
+            ).SerializeToString()
         self._framed: dict[int, bytes] = {}
         self._raw: dict[int, object] = {}
         self._requests: dict[tuple, bytes] = {}
@@ -128,8 +131,10 @@ async def run(spec: dict, shard: int, num_shards: int, t0: float) -> dict:
     warmup_s, duration_s = spec["warmup_s"], spec["duration_s"]
     timeout_s = spec.get("timeout_s", 120.0)
     record_timeline = spec.get("timeline", False)
-    channel = grpc.aio.insecure_channel(spec["target"], options=[
-        ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+    channel = grpc.aio.insecure_channel(
+        spec["target"],
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+    )
     await channel.channel_ready()
     if factory.method == "SDK":
         # What a service using the SDK does: content keys hashed here, one Lookup, Extract for
@@ -140,8 +145,12 @@ async def run(spec: dict, shard: int, num_shards: int, t0: float) -> dict:
         policy = getattr(pb, spec.get("cache_policy", "USE"))
 
         async def call(indices, timeout):
-            outcomes = await bank.extract_items([factory.raw(i) for i in indices], backbone=spec["backbone"],
-                                                layer=spec.get("layer", ""), cache_policy=policy)
+            outcomes = await bank.extract_items(
+                [factory.raw(i) for i in indices],
+                backbone=spec["backbone"],
+                layer=spec.get("layer", ""),
+                cache_policy=policy,
+            )
             return len(outcomes), sum(o.cache_hit for o in outcomes), sum(o.error is not None for o in outcomes)
     else:
         raw_call = channel.unary_unary(f"/featurebank.v1.FeatureBank/{factory.method}")  # bytes in, bytes out
@@ -150,6 +159,7 @@ async def run(spec: dict, shard: int, num_shards: int, t0: float) -> dict:
             response = pb.ExtractResponse.FromString(await raw_call(factory.request(indices), timeout=timeout))
             n = len(response.results)
             return n, sum(r.cache_hit for r in response.results), sum(r.HasField("error") for r in response.results)
+
     selector.prepare(factory, 4096)
     print("ready", flush=True)
     t0 = float(sys.stdin.readline()) if t0 <= 0 else t0

@@ -43,8 +43,11 @@ class NaiveServicer(pb_grpc.FeatureBankServicer):
     def Extract(self, request: pb.ExtractRequest, context: grpc.ServicerContext) -> pb.ExtractResponse:
         from featurebank.workers.backbones.base import InputItem, InvalidInputError
 
-        response = pb.ExtractResponse(backbone=self.info.name, layer=request.layer or self.info.default_layer,
-                                      backbone_fingerprint=self.info.fingerprint)
+        response = pb.ExtractResponse(
+            backbone=self.info.name,
+            layer=request.layer or self.info.default_layer,
+            backbone_fingerprint=self.info.fingerprint,
+        )
         results = [response.results.add() for _ in request.inputs]
         ready, index = [], []
         for i, item in enumerate(request.inputs):
@@ -80,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     backbone = registry.create(args.backbone, batch_buckets=SERVER_BATCH_BUCKETS)
     backbone.load()
     backbone.warmup()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.threads),
-                         options=[("grpc.max_receive_message_length", 64 << 20),
-                                  ("grpc.max_send_message_length", 64 << 20)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=args.threads),
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+    )
     pb_grpc.add_FeatureBankServicer_to_server(NaiveServicer(backbone), server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     server.start()

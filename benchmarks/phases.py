@@ -12,7 +12,8 @@ import time
 
 from benchmarks import procs, report
 from benchmarks.inputs import KINDS
-from benchmarks.procs import ProcSampler, ServedProcess
+from benchmarks.procs import ProcSampler
+from featurebank.server.testing import ServedProcess
 
 PYTHON = sys.executable
 REPO_DIR = pathlib.Path(__file__).resolve().parent.parent
@@ -45,28 +46,69 @@ class PhaseRunner:
         u["idle_ours_cores"] = round(sum(cores(g) for g in groups if g not in tested and g != "clients"), 3)
         return u
 
-    def run(self, name: str, server: ServedProcess, *, backbone: str, concurrency: int, items_per_request: int,
-            cache_policy: str, duration_s: float, warmup_s: float, pool: int, description: str, select: str = "cycle",
-            tag: int = 1, client_procs: int = 1, method: str = "Extract", timeline: bool = False,
-            draws_path: str | None = None) -> dict:
+    def run(
+        self,
+        name: str,
+        server: ServedProcess,
+        *,
+        backbone: str,
+        concurrency: int,
+        items_per_request: int,
+        cache_policy: str,
+        duration_s: float,
+        warmup_s: float,
+        pool: int,
+        description: str,
+        select: str = "cycle",
+        tag: int = 1,
+        client_procs: int = 1,
+        method: str = "Extract",
+        timeline: bool = False,
+        draws_path: str | None = None,
+    ) -> dict:
         """Load ``server`` from ``client_procs`` client processes for warmup_s + duration_s and
         summarise the measured window: throughput, latency, hit ratio, errors, the CPU of every
         process group, and what the server's own metrics say (batch sizes, padding, queue delay)."""
         client_procs = max(1, min(client_procs, concurrency))
-        spec = {"target": server.target, "backbone": backbone, "kind": KINDS[backbone], "tag": tag, "method": method,
-                "items_per_request": items_per_request, "cache_policy": cache_policy, "select": select,
-                "start": 0, "pool": pool, "draws_path": draws_path,
-                "warmup_s": warmup_s, "duration_s": duration_s, "timeline": timeline,
-                "memo_requests": select == "cycle" or items_per_request == 1}
-        self.log("phase %s: %s (%d clients x %d items, %s %s, %.0fs)", name, description, concurrency,
-                 items_per_request, method, cache_policy, duration_s)
+        spec = {
+            "target": server.target,
+            "backbone": backbone,
+            "kind": KINDS[backbone],
+            "tag": tag,
+            "method": method,
+            "items_per_request": items_per_request,
+            "cache_policy": cache_policy,
+            "select": select,
+            "start": 0,
+            "pool": pool,
+            "draws_path": draws_path,
+            "warmup_s": warmup_s,
+            "duration_s": duration_s,
+            "timeline": timeline,
+            "memo_requests": select == "cycle" or items_per_request == 1,
+        }
+        self.log(
+            "phase %s: %s (%d clients x %d items, %s %s, %.0fs)",
+            name,
+            description,
+            concurrency,
+            items_per_request,
+            method,
+            cache_policy,
+            duration_s,
+        )
         clients = []
         for shard in range(client_procs):
             shard_spec = dict(spec, concurrency=concurrency // client_procs + (shard < concurrency % client_procs))
             path = self.spec_path(f"{name}-{shard}", shard_spec)
             out = self.workdir / "specs" / f"{name}-{shard}.out.json"
-            p = subprocess.Popen([PYTHON, "-m", "benchmarks.loadgen", str(path), str(out), str(shard), str(client_procs)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_DIR)
+            p = subprocess.Popen(
+                [PYTHON, "-m", "benchmarks.loadgen", str(path), str(out), str(shard), str(client_procs)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=REPO_DIR,
+            )
             clients.append((p, out))
         for p, _ in clients:
             line = p.stdout.readline().strip()
@@ -79,9 +121,9 @@ class PhaseRunner:
             p.stdin.flush()
         metered = server.ports.get("metrics_port", -1) not in (-1, None)
         time.sleep(max(0.0, t0 + warmup_s - time.time()))
-        before = procs.scrape(server) if metered else {}
+        before = server.scrape() if metered else {}
         time.sleep(max(0.0, t0 + warmup_s + duration_s - time.time()))
-        after = procs.scrape(server) if metered else {}
+        after = server.scrape() if metered else {}
         shards = []
         for p, out in clients:
             if p.wait(timeout=warmup_s + duration_s + 300) != 0:
@@ -116,21 +158,32 @@ class PhaseRunner:
             "latency_ms": report.latency_summary(latencies),
             "client_cores": round(sum(s["client_cpu_s"] for s in shards) / duration_s, 3),
             "server_cores": usage.get("server_cores"),
-            "items_per_server_core_s": round(items_per_s / usage["server_cores"], 2) if usage.get("server_cores") else None,
+            "items_per_server_core_s": round(items_per_s / usage["server_cores"], 2)
+            if usage.get("server_cores")
+            else None,
             "other_cores": usage.get("other_cores"),
             "usage": usage,
             "server_stats": procs.server_stats(before, after, backbone) if metered else None,
         }
         if result["failed_requests"] or result["item_errors"]:
-            self.warn(f"{name}: {result['failed_requests']} failed requests {result['rpc_errors']}, "
-                      f"{result['item_errors']} item errors")
+            self.warn(
+                f"{name}: {result['failed_requests']} failed requests {result['rpc_errors']}, "
+                f"{result['item_errors']} item errors"
+            )
         if timeline:
             result["timeline"] = sorted(x for s in shards for x in s["timeline"])
             result["issued_total"] = max(s["issued_total"] for s in shards)
         lat = result["latency_ms"]
-        self.log("  %.1f items/s, p50 %s ms, p99 %s ms, hit %s; cores: server %s, client %.2f, other %s",
-                 result["items_per_s"], lat["p50"], lat["p99"], result["hit_ratio"], result["server_cores"],
-                 result["client_cores"], result["other_cores"])
+        self.log(
+            "  %.1f items/s, p50 %s ms, p99 %s ms, hit %s; cores: server %s, client %.2f, other %s",
+            result["items_per_s"],
+            lat["p50"],
+            lat["p99"],
+            result["hit_ratio"],
+            result["server_cores"],
+            result["client_cores"],
+            result["other_cores"],
+        )
         return result
 
     def record(self, name: str, result: dict) -> dict:
@@ -140,15 +193,21 @@ class PhaseRunner:
         if len(rounds) == 1:
             return result
         merged = dict(result)
-        for key in ("items_per_s", "requests_per_s", "client_cores", "server_cores", "other_cores",
-                    "items_per_server_core_s"):
+        for key in (
+            "items_per_s",
+            "requests_per_s",
+            "client_cores",
+            "server_cores",
+            "other_cores",
+            "items_per_server_core_s",
+        ):
             values = [r[key] for r in rounds if r.get(key) is not None]
             merged[key] = round(statistics.fmean(values), 3) if values else None
         merged["items"] = sum(r["items"] for r in rounds)
         merged["window_s"] = sum(r["window_s"] for r in rounds)
         # Pooled percentiles would need every raw sample; keep the round with the median p50.
         merged["latency_ms"] = sorted((r["latency_ms"] for r in rounds), key=lambda l: l["p50"] or 0)[len(rounds) // 2]
-        merged["rounds"] = [{k: r.get(k) for k in ("items_per_s", "server_cores", "other_cores", "latency_ms")}
-                            for r in rounds]
+        merged["rounds"] = [
+            {k: r.get(k) for k in ("items_per_s", "server_cores", "other_cores", "latency_ms")} for r in rounds
+        ]
         return merged
-

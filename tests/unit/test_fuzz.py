@@ -13,6 +13,7 @@ import pytest
 FUZZER = pathlib.Path(__file__).resolve().parents[1] / "fuzz" / "fuzz_inputs.py"
 
 
+@pytest.mark.slow
 def test_fuzz_request_parsing_and_decoding_for_a_bounded_time(tmp_path):
     """20 s of coverage-guided fuzzing over request parsing, keys, tensors, images and cache values: no crash."""
     pytest.importorskip("atheris")
