@@ -166,9 +166,17 @@ def featurebank_server(
     cache_dtype: str = "float32",
     extra: list[str] | None = None,
 ) -> ServerProcess:
-    args = ["--backbone", ",".join(backbones), "--cache-dtype", cache_dtype, "--log-level", "WARNING",
-            # Raw batches of 64 benchmark PNGs (70-110 KB each) exceed the 4 MiB default the SDK stays under.
-            "--max-message-bytes", str(64 << 20)]
+    args = [
+        "--backbone",
+        ",".join(backbones),
+        "--cache-dtype",
+        cache_dtype,
+        "--log-level",
+        "WARNING",
+        # Raw batches of 64 benchmark PNGs (70-110 KB each) exceed the 4 MiB default the SDK stays under.
+        "--max-message-bytes",
+        str(64 << 20),
+    ]
     if redis_url:
         args += ["--redis-url", redis_url]
     return ServerProcess(*args, *(extra or []), name=name, workdir=workdir)

@@ -1,7 +1,7 @@
 """Regenerate the Python stubs (and .pyi) from proto/featurebank/v1/*.proto; --check fails if stale.
 
-    python proto/generate.py          # rewrite proto/featurebank/v1/*_pb2*.py{,i}
-    python proto/generate.py --check  # exit 1 if the committed stubs differ from fresh ones
+python proto/generate.py          # rewrite proto/featurebank/v1/*_pb2*.py{,i}
+python proto/generate.py --check  # exit 1 if the committed stubs differ from fresh ones
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ PROTOS = sorted(PROTO_ROOT.glob("featurebank/v1/*.proto"))
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     """Run protoc (from grpcio-tools) into out_dir; return the generated files relative to it."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     args = [
@@ -43,7 +43,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = pathlib.Path(tmp)
         files = generate(tmp_path)
-        stale = [f for f in files if not (PROTO_ROOT / f).exists() or not filecmp.cmp(tmp_path / f, PROTO_ROOT / f, shallow=False)]
+        stale = [
+            f
+            for f in files
+            if not (PROTO_ROOT / f).exists() or not filecmp.cmp(tmp_path / f, PROTO_ROOT / f, shallow=False)
+        ]
         if args.check:
             for f in stale:
                 print(f"stale: proto/{f} (run: python proto/generate.py)", file=sys.stderr)

@@ -40,8 +40,12 @@ HEALTH_MAX_CONCURRENT_RPCS = 16
 
 def make_cache(config: ServerConfig, metrics: Metrics) -> FeatureCache:
     if config.redis_url:
-        return RedisCache(config.redis_url, ttl_seconds=config.cache_ttl_seconds,
-                          timeout_s=config.redis_timeout_ms / 1000.0, metrics=metrics)
+        return RedisCache(
+            config.redis_url,
+            ttl_seconds=config.cache_ttl_seconds,
+            timeout_s=config.redis_timeout_ms / 1000.0,
+            metrics=metrics,
+        )
     return LRUCache(config.lru_max_bytes, config.cache_ttl_seconds)
 
 
@@ -82,19 +86,34 @@ class FeatureBankServer:
         for name, options in c.backbone_specs:
             if name in self.pools:
                 raise ValueError(f"backbone {name!r} listed twice")
-            options = {"max_image_pixels": c.max_image_pixels, "batch_buckets": batch_buckets(c.max_batch_size), **options}
+            options = {
+                "max_image_pixels": c.max_image_pixels,
+                "batch_buckets": batch_buckets(c.max_batch_size),
+                **options,
+            }
             batcher = DynamicBatcher(
-                max_batch_size=c.max_batch_size, max_batch_delay_ms=c.max_batch_delay_ms, max_queue_size=c.max_queue_size,
+                max_batch_size=c.max_batch_size,
+                max_batch_delay_ms=c.max_batch_delay_ms,
+                max_queue_size=c.max_queue_size,
                 max_queue_share=c.max_queue_share if c.tokens_file else 1.0,
                 on_drop=lambda item, reason, n=name: self.metrics.dropped_items.labels(n, reason).inc(),
                 on_depth=lambda depth, n=name: self.metrics.queue_depth.labels(n).set(depth),
             )
             self.batchers[name] = batcher
             self.pools[name] = WorkerPool(
-                name, options=options, num_workers=c.num_workers, batcher=batcher, metrics=self.metrics,
-                gpus=c.gpu_list, intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads,
-                warmup=c.warmup, pipeline_depth=c.pipeline_depth, memory_limit_mb=c.worker_memory_limit_mb,
-                watchdog_floor_s=c.watchdog_floor_s, watchdog_multiple=c.watchdog_multiple,
+                name,
+                options=options,
+                num_workers=c.num_workers,
+                batcher=batcher,
+                metrics=self.metrics,
+                gpus=c.gpu_list,
+                intra_op_threads=c.intra_op_threads,
+                inter_op_threads=c.inter_op_threads,
+                warmup=c.warmup,
+                pipeline_depth=c.pipeline_depth,
+                memory_limit_mb=c.worker_memory_limit_mb,
+                watchdog_floor_s=c.watchdog_floor_s,
+                watchdog_multiple=c.watchdog_multiple,
                 on_ready_change=self._on_ready_change,
             )
 
@@ -150,19 +169,25 @@ class FeatureBankServer:
         ]
         authenticator = TokenAuthenticator.from_file(c.tokens_file) if c.tokens_file else None
         if authenticator is None and not is_loopback(c.host):
-            logger.warning("serving %s without tokens (--insecure): every caller may use every backbone and head", c.host)
+            logger.warning(
+                "serving %s without tokens (--insecure): every caller may use every backbone and head", c.host
+            )
         # Bounds the request messages held at once (each at most max_message_bytes); over it gRPC
         # answers RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!". Unauthenticated calls are
         # refused before their message is read (interceptors.py), so they cost no message memory.
-        self.server = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics, authenticator)], options=options,
-                                      maximum_concurrent_rpcs=c.max_concurrent_rpcs)
+        self.server = grpc.aio.server(
+            interceptors=[StatusInterceptor(self.metrics, authenticator)],
+            options=options,
+            maximum_concurrent_rpcs=c.max_concurrent_rpcs,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{c.host}:{c.port}"
         try:  # a port taken since check_free: the same one-line error, and no workers left behind
             if c.tls_cert_file:
                 self.port = self.server.add_secure_port(
-                    address, server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file))
+                    address, server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file)
+                )
             else:
                 self.port = self.server.add_insecure_port(address)
             if self.port == 0:
@@ -174,8 +199,9 @@ class FeatureBankServer:
             await self._start_health_server()
         if c.metrics_port >= 0:
             try:
-                self._metrics_http, _ = start_http_server(c.metrics_port, addr=metrics_addr,
-                                                          registry=self.metrics.registry)
+                self._metrics_http, _ = start_http_server(
+                    c.metrics_port, addr=metrics_addr, registry=self.metrics.registry
+                )
             except OSError as e:
                 await self._close_pools()
                 reason = "already in use" if e.errno == errno.EADDRINUSE else f"not bindable ({e.strerror})"
@@ -183,12 +209,19 @@ class FeatureBankServer:
             self.metrics_port = self._metrics_http.server_port
         # The port opens before the workers are warm, so probes can see NOT_SERVING meanwhile;
         # FeatureBank RPCs answer UNAVAILABLE until then.
-        self.servicer = FeatureBankServicer({}, self.cache, self.metrics, storage_dtype=c.cache_dtype,
-                                            max_items_per_request=c.max_items_per_request,
-                                            stream_window=c.stream_window, heads=self.heads, claim_ttl_ms=c.claim_ttl_ms,
-                                            head_limits=HeadLimits(c.max_head_parameters, c.max_head_width),
-                                            heads_cache_bytes=c.heads_cache_bytes,
-                                            shared_cache_backbones=[b for b in c.shared_cache_backbones.split(",") if b])
+        self.servicer = FeatureBankServicer(
+            {},
+            self.cache,
+            self.metrics,
+            storage_dtype=c.cache_dtype,
+            max_items_per_request=c.max_items_per_request,
+            stream_window=c.stream_window,
+            heads=self.heads,
+            claim_ttl_ms=c.claim_ttl_ms,
+            head_limits=HeadLimits(c.max_head_parameters, c.max_head_width),
+            heads_cache_bytes=c.heads_cache_bytes,
+            shared_cache_backbones=[b for b in c.shared_cache_backbones.split(",") if b],
+        )
         self.servicer.max_text_bytes = c.max_text_bytes
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(self.servicer, self.server)
         await self.server.start()
@@ -198,18 +231,30 @@ class FeatureBankServer:
         except BaseException:
             await self._close_pools()
             raise
-        self.servicer.set_backbones({
-            name: ServedBackbone(info=info, batcher=self.batchers[name], pool=self.pools[name])
-            for name, info in zip(self.pools, infos)
-        })
+        self.servicer.set_backbones(
+            {
+                name: ServedBackbone(info=info, batcher=self.batchers[name], pool=self.pools[name])
+                for name, info in zip(self.pools, infos)
+            }
+        )
         gc.freeze()  # start-up's objects leave the GC's view: shorter collections, fewer pauses in the p99 tail
         self._serving = True
         await self._update_health()
         for info in infos:
-            logger.info("serving %s (fingerprint %s, layers %s)", info.name, info.fingerprint[:12],
-                        ", ".join(l.name for l in info.layers))
-        logger.info("featurebank listening on %s:%d, metrics on :%d%s, cache %s", c.host, self.port, self.metrics_port,
-                    f", health-only on :{self.health_port}" if self.health_port >= 0 else "", self.cache.name)
+            logger.info(
+                "serving %s (fingerprint %s, layers %s)",
+                info.name,
+                info.fingerprint[:12],
+                ", ".join(l.name for l in info.layers),
+            )
+        logger.info(
+            "featurebank listening on %s:%d, metrics on :%d%s, cache %s",
+            c.host,
+            self.port,
+            self.metrics_port,
+            f", health-only on :{self.health_port}" if self.health_port >= 0 else "",
+            self.cache.name,
+        )
         self._write_port_file(ready=True)
 
     async def _start_health_server(self) -> None:
@@ -219,9 +264,13 @@ class FeatureBankServer:
         maximum_concurrent_rpcs: a busy server would fail its liveness probe and be restarted.
         """
         c = self.config
-        self.health_server = grpc.aio.server(options=[("grpc.max_receive_message_length", HEALTH_MAX_MESSAGE_BYTES),
-                                                      ("grpc.max_concurrent_streams", HEALTH_MAX_CONCURRENT_RPCS)],
-                                             maximum_concurrent_rpcs=HEALTH_MAX_CONCURRENT_RPCS)
+        self.health_server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", HEALTH_MAX_MESSAGE_BYTES),
+                ("grpc.max_concurrent_streams", HEALTH_MAX_CONCURRENT_RPCS),
+            ],
+            maximum_concurrent_rpcs=HEALTH_MAX_CONCURRENT_RPCS,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.health_port = self.health_server.add_insecure_port(f"{c.host}:{c.health_port}")
         if self.health_port == 0:
@@ -233,8 +282,16 @@ class FeatureBankServer:
             return
         tmp = self.config.port_file + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"port": self.port, "metrics_port": self.metrics_port, "health_port": self.health_port,
-                       "pid": os.getpid(), "ready": ready}, f)
+            json.dump(
+                {
+                    "port": self.port,
+                    "metrics_port": self.metrics_port,
+                    "health_port": self.health_port,
+                    "pid": os.getpid(),
+                    "ready": ready,
+                },
+                f,
+            )
         os.replace(tmp, self.config.port_file)
 
     async def stop(self, grace_s: float | None = None) -> None:

@@ -37,7 +37,9 @@ class Tenant:
     @property
     def namespace(self) -> str:
         """The salt of this tenant's cache keys: without the secret nobody can compute them."""
-        return hmac.new(self.secret.encode(), b"featurebank-cache-namespace:" + self.name.encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.new(
+            self.secret.encode(), b"featurebank-cache-namespace:" + self.name.encode(), hashlib.sha256
+        ).hexdigest()[:32]
 
     def check_backbone(self, backbone: str) -> None:
         if not any(fnmatch.fnmatchcase(backbone, p) for p in self.backbones):
@@ -55,8 +57,10 @@ class Tenant:
     def check_head(self, owner: str, name: str, *, write: bool = False) -> None:
         if not self.may_use_head(owner, name, write=write):
             what = name if owner == self.name else f"{owner}/{name}"
-            raise PermissionDeniedError(f"tenant {self.name!r} may not {'change' if write else 'use'} head {what!r}"
-                                        + (": only a head's own tenant writes it" if write and owner != self.name else ""))
+            raise PermissionDeniedError(
+                f"tenant {self.name!r} may not {'change' if write else 'use'} head {what!r}"
+                + (": only a head's own tenant writes it" if write and owner != self.name else "")
+            )
 
     @property
     def head_grants(self) -> tuple[str, ...]:
@@ -87,12 +91,12 @@ class TokenAuthenticator:
         self._tokens = {hashlib.sha256(t.encode()).digest(): name for t, name in tokens.items()}
 
     @classmethod
-    def from_file(cls, path: str) -> "TokenAuthenticator":
+    def from_file(cls, path: str) -> TokenAuthenticator:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f), source=path)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "tokens") -> "TokenAuthenticator":
+    def from_dict(cls, data: dict, source: str = "tokens") -> TokenAuthenticator:
         tenants: dict[str, Tenant] = {}
         tokens: dict[str, str] = {}
         for name, spec in (data.get("tenants") or {}).items():
@@ -110,8 +114,9 @@ class TokenAuthenticator:
                 limits = Limits.from_dict(spec)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{source}: limits of tenant {name!r}: {e}") from None
-            tenants[name] = Tenant(name, secret, tuple(spec.get("backbones") or ("*",)), tuple(spec.get("heads") or ("*",)),
-                                   limits)
+            tenants[name] = Tenant(
+                name, secret, tuple(spec.get("backbones") or ("*",)), tuple(spec.get("heads") or ("*",)), limits
+            )
         if not tenants:
             raise ValueError(f"{source}: no tenants")
         return cls(tenants, tokens)
@@ -135,6 +140,7 @@ class TokenAuthenticator:
 
 def server_credentials(cert_file: str, key_file: str, client_ca_file: str = "") -> grpc.ServerCredentials:
     """TLS (or mutual TLS when a client CA is given: clients must present a certificate it signed)."""
+
     def read(p: str) -> bytes:
         if not os.path.exists(p):
             raise FileNotFoundError(f"TLS file {p!r} does not exist")
@@ -142,5 +148,6 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str = "") 
             return f.read()
 
     ca = read(client_ca_file) if client_ca_file else None
-    return grpc.ssl_server_credentials([(read(key_file), read(cert_file))], root_certificates=ca,
-                                       require_client_auth=ca is not None)
+    return grpc.ssl_server_credentials(
+        [(read(key_file), read(cert_file))], root_certificates=ca, require_client_auth=ca is not None
+    )

@@ -48,8 +48,16 @@ class DynamicBatcher:
     cannot take its neighbours down with it.
     """
 
-    def __init__(self, *, max_batch_size: int, max_batch_delay_ms: float, max_queue_size: int,
-                 max_queue_share: float = 1.0, on_drop=None, on_depth=None):
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_batch_delay_ms: float,
+        max_queue_size: int,
+        max_queue_share: float = 1.0,
+        on_drop=None,
+        on_depth=None,
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_batch_delay_ms < 0:
@@ -101,9 +109,11 @@ class DynamicBatcher:
             return QueueFullError(
                 f"tenant {tenant!r} has {self.queued_by_tenant[tenant]} items queued; {n} more would exceed its "
                 f"share of the queue (max_queue_size={self.max_queue_size} over {len(self.queued_by_tenant) + 1} "
-                f"(tenants queued + 1), at most max_queue_share={self.max_queue_share:g} of it); retry with backoff")
+                f"(tenants queued + 1), at most max_queue_share={self.max_queue_share:g} of it); retry with backoff"
+            )
         return QueueFullError(
-            f"server overloaded: {len(self)} items queued (max_queue_size={self.max_queue_size}); retry with backoff")
+            f"server overloaded: {len(self)} items queued (max_queue_size={self.max_queue_size}); retry with backoff"
+        )
 
     async def wait_for_room(self, tenant: str, n: int = 1) -> None:
         """Return once ``n`` items of ``tenant`` fit (backpressure for streams)."""

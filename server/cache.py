@@ -8,7 +8,7 @@ import collections
 import logging
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from featurebank.server.metrics import Metrics
 
@@ -208,8 +208,13 @@ class RedisCache(FeatureCache):
         self._metrics.cache_errors.labels(op=op).inc()
         self._down_until = time.monotonic() + self.retry_interval_s
         if not self._outage:
-            logger.warning("redis %s failed (%s: %s); serving uncached, retrying every %.1fs",
-                           op, type(err).__name__, err, self.retry_interval_s)
+            logger.warning(
+                "redis %s failed (%s: %s); serving uncached, retrying every %.1fs",
+                op,
+                type(err).__name__,
+                err,
+                self.retry_interval_s,
+            )
         self._outage = True
 
     def _ok(self) -> None:

@@ -72,7 +72,9 @@ def check(value: bytes) -> Header:
     for d in shape:
         n *= d
     if len(value) - offset != n * dtype.itemsize:
-        raise CorruptValueError(f"value holds {len(value) - offset} data bytes, shape {shape} needs {n * dtype.itemsize}")
+        raise CorruptValueError(
+            f"value holds {len(value) - offset} data bytes, shape {shape} needs {n * dtype.itemsize}"
+        )
     view = memoryview(value)
     if zlib.crc32(view[offset:], zlib.crc32(view[: offset - 4])) != crc:
         raise CorruptValueError("checksum mismatch")
@@ -90,4 +92,4 @@ def decode(value: bytes) -> np.ndarray:
 
 def to_array(value: bytes, header: Header) -> np.ndarray:
     """The array of a value ``check`` accepted (zero copy over ``value``)."""
-    return np.frombuffer(memoryview(value)[header.offset:], dtype=_DTYPES[header.code]).reshape(header.shape)
+    return np.frombuffer(memoryview(value)[header.offset :], dtype=_DTYPES[header.code]).reshape(header.shape)

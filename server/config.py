@@ -38,12 +38,21 @@ class ServerConfig:
     """Settings of one featurebank server process. Every field is a ``--flag`` and a
     ``FEATUREBANK_FLAG`` env var (flags win over env vars, env vars over defaults)."""
 
-    host: str = _field("localhost", "address to bind the gRPC port on; beyond loopback (e.g. [::] or 0.0.0.0) it needs "
-                       "--tokens-file, or --insecure to serve anyone who can connect")
-    insecure: bool = _field(False, "allow listening beyond loopback without --tokens-file: every caller may use every "
-                            "backbone and head (only behind another gate, e.g. a mesh with its own authentication)")
-    health_port: int = _field(-1, "plaintext port serving only grpc.health.v1, for probes that cannot speak TLS "
-                              "(the kubelet's); -1 = off, 0 = any free port")
+    host: str = _field(
+        "localhost",
+        "address to bind the gRPC port on; beyond loopback (e.g. [::] or 0.0.0.0) it needs "
+        "--tokens-file, or --insecure to serve anyone who can connect",
+    )
+    insecure: bool = _field(
+        False,
+        "allow listening beyond loopback without --tokens-file: every caller may use every "
+        "backbone and head (only behind another gate, e.g. a mesh with its own authentication)",
+    )
+    health_port: int = _field(
+        -1,
+        "plaintext port serving only grpc.health.v1, for probes that cannot speak TLS "
+        "(the kubelet's); -1 = off, 0 = any free port",
+    )
     port: int = _field(50051, "gRPC port (0 = pick a free one)")
     metrics_port: int = _field(9464, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)")
     backbone: list = _field(
@@ -56,53 +65,94 @@ class ServerConfig:
     gpus: str = _field("", "comma-separated CUDA device indices to pin workers to, e.g. 0,1 (empty: CPU)")
     intra_op_threads: int = _field(0, "TensorFlow intra-op threads per worker (0 = TF default)")
     inter_op_threads: int = _field(0, "TensorFlow inter-op threads per worker (0 = TF default)")
-    redis_url: str = _field("", "Redis URL for the shared feature cache, e.g. redis://localhost:6379/0 (empty: in-process LRU)")
+    redis_url: str = _field(
+        "", "Redis URL for the shared feature cache, e.g. redis://localhost:6379/0 (empty: in-process LRU)"
+    )
     redis_timeout_ms: float = _field(250.0, "timeout of one Redis round trip; slower counts as a cache error")
     cache_ttl_seconds: int = _field(7 * 24 * 3600, "TTL of every cache entry")
     cache_dtype: str = _field("float32", "dtype features are stored in: float32, or float16 to halve memory")
     lru_max_bytes: int = _field(512 * 1024 * 1024, "byte budget of the in-process LRU cache (without Redis)")
-    max_batch_size: int = _field(0, "most items in one batch sent to a worker; 0 = auto: 32 with --gpus, 8 on CPU "
-                                 "(where batch 8 is the cheapest per item: see BENCHMARKS.md)")
-    pipeline_depth: int = _field(2, "batches in flight per worker: the next is sent while one computes (1 = one at a time)")
+    max_batch_size: int = _field(
+        0,
+        "most items in one batch sent to a worker; 0 = auto: 32 with --gpus, 8 on CPU "
+        "(where batch 8 is the cheapest per item: see BENCHMARKS.md)",
+    )
+    pipeline_depth: int = _field(
+        2, "batches in flight per worker: the next is sent while one computes (1 = one at a time)"
+    )
     max_batch_delay_ms: float = _field(5.0, "longest an item waits for a batch to fill")
     max_queue_size: int = _field(2048, "items waiting for a worker before requests get RESOURCE_EXHAUSTED")
-    max_queue_share: float = _field(0.5, "with --tokens-file: each tenant may queue max_queue_size / (tenants with "
-                                    "items queued + 1) items, and at most this fraction of it (1 = no shares)")
-    claim_ttl_ms: int = _field(30_000, "with --redis-url: how long a replica's claim on an input it computes lasts "
-                               "unless renewed (renewed every third of it while the input waits)")
+    max_queue_share: float = _field(
+        0.5,
+        "with --tokens-file: each tenant may queue max_queue_size / (tenants with "
+        "items queued + 1) items, and at most this fraction of it (1 = no shares)",
+    )
+    claim_ttl_ms: int = _field(
+        30_000,
+        "with --redis-url: how long a replica's claim on an input it computes lasts "
+        "unless renewed (renewed every third of it while the input waits)",
+    )
     max_items_per_request: int = _field(4096, "most inputs in one request")
-    max_message_bytes: int = _field(4 * 1024 * 1024, "largest request message accepted (RESOURCE_EXHAUSTED above, unread); "
-                                    "the SDK splits requests under 3 MiB, sending only a single larger input alone")
-    max_text_bytes: int = _field(64 * 1024, "largest text input in UTF-8 bytes, refused per item before tokenizing "
-                                 "(MiniLM reads only its first 256 tokens)")
-    max_concurrent_rpcs: int = _field(128, "RPCs handled at once (RESOURCE_EXHAUSTED above): bounds the request "
-                                      "messages held in memory")
-    max_concurrent_streams: int = _field(32, "RPCs at once on one client connection (HTTP/2 "
-                                         "SETTINGS_MAX_CONCURRENT_STREAMS); further calls wait in the client")
+    max_message_bytes: int = _field(
+        4 * 1024 * 1024,
+        "largest request message accepted (RESOURCE_EXHAUSTED above, unread); "
+        "the SDK splits requests under 3 MiB, sending only a single larger input alone",
+    )
+    max_text_bytes: int = _field(
+        64 * 1024,
+        "largest text input in UTF-8 bytes, refused per item before tokenizing "
+        "(MiniLM reads only its first 256 tokens)",
+    )
+    max_concurrent_rpcs: int = _field(
+        128, "RPCs handled at once (RESOURCE_EXHAUSTED above): bounds the request messages held in memory"
+    )
+    max_concurrent_streams: int = _field(
+        32,
+        "RPCs at once on one client connection (HTTP/2 "
+        "SETTINGS_MAX_CONCURRENT_STREAMS); further calls wait in the client",
+    )
     max_image_pixels: int = _field(40_000_000, "largest decoded image (width x height), checked before decoding")
-    worker_memory_limit_mb: int = _field(8192, "cap on each CPU worker's heap (RLIMIT_DATA): an input needing more fails "
-                                         "alone instead of taking the pod down (0 = no cap)")
-    watchdog_floor_s: float = _field(60.0, "a batch running longer than this and --watchdog-multiple x the slowest "
-                                     "batch seen gets its worker killed and handled like a crash (0 = no watchdog)")
+    worker_memory_limit_mb: int = _field(
+        8192,
+        "cap on each CPU worker's heap (RLIMIT_DATA): an input needing more fails "
+        "alone instead of taking the pod down (0 = no cap)",
+    )
+    watchdog_floor_s: float = _field(
+        60.0,
+        "a batch running longer than this and --watchdog-multiple x the slowest "
+        "batch seen gets its worker killed and handled like a crash (0 = no watchdog)",
+    )
     watchdog_multiple: float = _field(10.0, "see --watchdog-floor-s")
     heads_dir: str = _field("", "where heads persist without a heads Redis (default $XDG_DATA_HOME/featurebank/heads)")
-    heads_redis_url: str = _field("", "Redis URL for served heads, shared by every replica; give it maxmemory-policy "
-                                  "noeviction and appendonly yes. Empty: the --redis-url Redis (the server refuses to "
-                                  "start if its policy is allkeys-*, which evicts heads), else --heads-dir")
-    max_head_parameters: int = _field(1_000_000, "most parameters (kernels + biases) of a head PutHead accepts; its float32 "
-                                     "weights must fit one request under --max-message-bytes")
+    heads_redis_url: str = _field(
+        "",
+        "Redis URL for served heads, shared by every replica; give it maxmemory-policy "
+        "noeviction and appendonly yes. Empty: the --redis-url Redis (the server refuses to "
+        "start if its policy is allkeys-*, which evicts heads), else --heads-dir",
+    )
+    max_head_parameters: int = _field(
+        1_000_000,
+        "most parameters (kernels + biases) of a head PutHead accepts; its float32 "
+        "weights must fit one request under --max-message-bytes",
+    )
     max_head_width: int = _field(4096, "most units of any one layer of a head PutHead accepts")
-    heads_cache_bytes: int = _field(256 * 1024 * 1024, "byte budget of compiled heads kept in memory (least recently used out)")
+    heads_cache_bytes: int = _field(
+        256 * 1024 * 1024, "byte budget of compiled heads kept in memory (least recently used out)"
+    )
     stream_window: int = _field(4, "request messages of one ExtractStream worked on at a time")
     tls_cert_file: str = _field("", "PEM certificate for TLS on the gRPC port (with --tls-key-file)")
     tls_key_file: str = _field("", "PEM private key for TLS")
     tls_client_ca_file: str = _field("", "PEM CA: require client certificates it signed (mutual TLS)")
-    tokens_file: str = _field("", "JSON tenants file: bearer tokens, allowed backbones/heads, cache salts (empty: no auth)")
-    shared_cache_backbones: str = _field("", "comma-separated backbones whose cache is one pool for every tenant (public data)")
+    tokens_file: str = _field(
+        "", "JSON tenants file: bearer tokens, allowed backbones/heads, cache salts (empty: no auth)"
+    )
+    shared_cache_backbones: str = _field(
+        "", "comma-separated backbones whose cache is one pool for every tenant (public data)"
+    )
     max_connection_age_s: float = _field(300.0, "clients reconnect after this long, so new replicas get traffic")
     grace_period_s: float = _field(20.0, "on SIGTERM: how long in-flight requests may take to finish")
     warmup: bool = _field(True, "trace every batch shape before reporting ready")
-    port_file: str = _field("", "write {\"port\", \"metrics_port\"} as JSON here once serving (for tests and scripts)")
+    port_file: str = _field("", 'write {"port", "metrics_port"} as JSON here once serving (for tests and scripts)')
     log_level: str = _field("INFO", "logging level")
 
     def __post_init__(self) -> None:
@@ -125,25 +175,39 @@ class ServerConfig:
             ("max_batch_size", 1 <= self.max_batch_size <= 1024, "1..1024"),
             ("pipeline_depth", 1 <= self.pipeline_depth <= 8, "1..8"),
             ("max_batch_delay_ms", 0 <= self.max_batch_delay_ms <= 10_000, "0..10000"),
-            ("max_queue_size", self.max_queue_size >= self.max_batch_size, f">= max_batch_size ({self.max_batch_size})"),
+            (
+                "max_queue_size",
+                self.max_queue_size >= self.max_batch_size,
+                f">= max_batch_size ({self.max_batch_size})",
+            ),
             ("max_queue_share", 0 < self.max_queue_share <= 1, "0 < share <= 1"),
             ("claim_ttl_ms", 1000 <= self.claim_ttl_ms <= 3_600_000, "1000..3600000"),
             ("max_items_per_request", self.max_items_per_request >= 1, ">= 1"),
             ("max_message_bytes", 1 << 20 <= self.max_message_bytes <= 2**31 - 1, "1 MiB .. 2 GiB"),
-            ("max_text_bytes", 1 <= self.max_text_bytes <= self.max_message_bytes, f"1 .. max_message_bytes ({self.max_message_bytes})"),
+            (
+                "max_text_bytes",
+                1 <= self.max_text_bytes <= self.max_message_bytes,
+                f"1 .. max_message_bytes ({self.max_message_bytes})",
+            ),
             ("max_concurrent_rpcs", 1 <= self.max_concurrent_rpcs <= 100_000, "1..100000"),
             ("max_concurrent_streams", 1 <= self.max_concurrent_streams <= 100_000, "1..100000"),
             ("health_port", -1 <= self.health_port <= 65535, "-1..65535"),
             ("max_image_pixels", self.max_image_pixels >= 1, ">= 1"),
-            ("worker_memory_limit_mb", self.worker_memory_limit_mb == 0 or self.worker_memory_limit_mb >= 512,
-             "0 (no cap) or >= 512"),
+            (
+                "worker_memory_limit_mb",
+                self.worker_memory_limit_mb == 0 or self.worker_memory_limit_mb >= 512,
+                "0 (no cap) or >= 512",
+            ),
             ("watchdog_floor_s", self.watchdog_floor_s >= 0, ">= 0"),
             ("watchdog_multiple", self.watchdog_multiple >= 1, ">= 1"),
             ("max_head_parameters", 1 <= self.max_head_parameters <= 500_000_000, "1..500000000"),
             # A head is sent whole in one PutHead: its float32 weights (plus 64 KiB of framing) must be
             # receivable, or PutHead fails with gRPC's bare "message larger than max".
-            ("max_head_parameters", 4 * self.max_head_parameters + 65536 <= self.max_message_bytes,
-             f"<= (max_message_bytes - 64 KiB) / 4 = {(self.max_message_bytes - 65536) // 4} (raise --max-message-bytes too)"),
+            (
+                "max_head_parameters",
+                4 * self.max_head_parameters + 65536 <= self.max_message_bytes,
+                f"<= (max_message_bytes - 64 KiB) / 4 = {(self.max_message_bytes - 65536) // 4} (raise --max-message-bytes too)",
+            ),
             ("max_head_width", 1 <= self.max_head_width <= 1 << 20, "1..1048576"),
             ("heads_cache_bytes", self.heads_cache_bytes >= 0, ">= 0"),
             ("grace_period_s", self.grace_period_s >= 0, ">= 0"),
@@ -162,8 +226,10 @@ class ServerConfig:
         if self.health_port > 0 and self.health_port in (self.port, self.metrics_port):
             raise ValueError(f"invalid health_port={self.health_port}: must differ from --port and --metrics-port")
         if not self.tokens_file and not self.insecure and not is_loopback(self.host):
-            raise ValueError(f"refusing to listen on {self.host} without --tokens-file: give --tokens-file, "
-                             "or --insecure to let anyone who can connect use every backbone and head")
+            raise ValueError(
+                f"refusing to listen on {self.host} without --tokens-file: give --tokens-file, "
+                "or --insecure to let anyone who can connect use every backbone and head"
+            )
 
     @property
     def heads_path(self) -> str:
@@ -238,5 +304,7 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
             else:
                 values[f.name] = type(default)(raw)
         except ValueError:
-            raise ValueError(f"invalid FEATUREBANK_{f.name.upper()}={raw!r}: expected {type(default).__name__}") from None
+            raise ValueError(
+                f"invalid FEATUREBANK_{f.name.upper()}={raw!r}: expected {type(default).__name__}"
+            ) from None
     return ServerConfig(**values)

@@ -39,7 +39,9 @@ class HeadRPCs:
         tenant = current_tenant.get()
         if tenant is None:
             if owner is not None:
-                raise InvalidArgumentError(f"head {ref!r}: TENANT/NAME needs tenants (--tokens-file); name the head alone")
+                raise InvalidArgumentError(
+                    f"head {ref!r}: TENANT/NAME needs tenants (--tokens-file); name the head alone"
+                )
             return "", name, name
         owner = tenant.name if owner is None else owner
         tenant.check_head(owner, name, write=write)
@@ -77,13 +79,22 @@ class HeadRPCs:
                 raise NotFoundError(f"backbone {head.backbone!r} has no layer {head.layer!r}")
             if int(np.prod(dim)) != compiled.input_dim:
                 raise InvalidArgumentError(
-                    f"head takes {compiled.input_dim} features but {head.backbone}/{head.layer} gives {int(np.prod(dim))}")
+                    f"head takes {compiled.input_dim} features but {head.backbone}/{head.layer} gives {int(np.prod(dim))}"
+                )
         if not head.created_unix_ms:
             head.created_unix_ms = int(time.time() * 1000)
         head.version = await self.heads.create(owner, head)
         self._compiled_heads.put((owner, name, head.version), compiled)  # write-once: this is that version for good
-        logger.info("stored head %s v%d (%s on %s/%s, %d parameters)%s", name, head.version, head.kind, head.backbone,
-                    head.layer, compiled.parameters, f" of tenant {owner}" if owner else "")
+        logger.info(
+            "stored head %s v%d (%s on %s/%s, %d parameters)%s",
+            name,
+            head.version,
+            head.kind,
+            head.backbone,
+            head.layer,
+            compiled.parameters,
+            f" of tenant {owner}" if owner else "",
+        )
         return compiled.info(shown)
 
     async def ListHeads(self, request: pb.ListHeadsRequest, context) -> pb.ListHeadsResponse:
@@ -94,13 +105,17 @@ class HeadRPCs:
         else:  # the caller's own heads, then those it is granted: indexes, never a scan of the store
             tenant = current_tenant.get()
             owner = tenant.name if tenant is not None else ""
-            listed = [(owner, n, n) for n in await self.heads.names(owner)
-                      if tenant is None or tenant.may_use_head(owner, n)]
+            listed = [
+                (owner, n, n) for n in await self.heads.names(owner) if tenant is None or tenant.may_use_head(owner, n)
+            ]
             grants = tenant.head_grants if tenant is not None else ()
             for other in await self.heads.owners() if grants else ():
                 if other != owner and any(fnmatch.fnmatchcase(other, g.partition("/")[0]) for g in grants):
-                    listed += [(other, n, f"{other}/{n}") for n in await self.heads.names(other)
-                               if tenant.may_use_head(other, n)]
+                    listed += [
+                        (other, n, f"{other}/{n}")
+                        for n in await self.heads.names(other)
+                        if tenant.may_use_head(other, n)
+                    ]
         for owner, name, shown in listed:
             for info in await self.heads.infos(owner, name):
                 info.name = shown
@@ -112,7 +127,9 @@ class HeadRPCs:
         deleted = await self.heads.remove(owner, name, request.version)
         self._compiled_heads.discard(owner, name, request.version)
         if not deleted:
-            raise NotFoundError(f"no head {request.name!r}" + (f" version {request.version}" if request.version else ""))
+            raise NotFoundError(
+                f"no head {request.name!r}" + (f" version {request.version}" if request.version else "")
+            )
         return pb.DeleteHeadResponse(deleted=deleted)
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
@@ -121,14 +138,21 @@ class HeadRPCs:
         head = compiled.head
         served = self.backbones.get(head.backbone)
         if served is None:
-            raise FailedPreconditionError(f"head {shown!r} needs backbone {head.backbone!r}, which this server does not serve")
+            raise FailedPreconditionError(
+                f"head {shown!r} needs backbone {head.backbone!r}, which this server does not serve"
+            )
         if served.info.fingerprint != head.backbone_fingerprint:
             raise FailedPreconditionError(
                 f"head {shown!r} v{head.version} was trained on {head.backbone} fingerprint "
-                f"{head.backbone_fingerprint[:16]}, but the served one is {served.info.fingerprint[:16]}: retrain it")
+                f"{head.backbone_fingerprint[:16]}, but the served one is {served.info.fingerprint[:16]}: retrain it"
+            )
         start = time.perf_counter()
-        extracted = await self.extract(pb.ExtractRequest(backbone=head.backbone, layer=head.layer, inputs=request.inputs,
-                                                         cache_policy=request.cache_policy), context)
+        extracted = await self.extract(
+            pb.ExtractRequest(
+                backbone=head.backbone, layer=head.layer, inputs=request.inputs, cache_policy=request.cache_policy
+            ),
+            context,
+        )
         response = pb.PredictResponse(head=shown, version=head.version)
         ok = []
         for r in extracted.results:
@@ -140,8 +164,10 @@ class HeadRPCs:
         if ok:
             features = np.stack([x for _, x in ok]).astype(np.float32)
             if features.shape[1] != compiled.input_dim:
-                raise FailedPreconditionError(f"head {shown!r} v{head.version} takes {compiled.input_dim} features but "
-                                              f"{head.backbone}/{head.layer} gives {features.shape[1]}")
+                raise FailedPreconditionError(
+                    f"head {shown!r} v{head.version} takes {compiled.input_dim} features but "
+                    f"{head.backbone}/{head.layer} gives {features.shape[1]}"
+                )
             probs = await self._run_head(compiled.predict, features)
             names = list(head.class_names)
             for (p, _), row in zip(ok, probs):

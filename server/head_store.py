@@ -82,8 +82,10 @@ class HeadStore(abc.ABC):
 
 
 def _taken_message(head: pb.Head) -> str:
-    return (f"head {head.name!r} version {head.version} is not above every version this name has had: versions are "
-            f"written once and never reused (send version 0 for the next one)")
+    return (
+        f"head {head.name!r} version {head.version} is not above every version this name has had: versions are "
+        f"written once and never reused (send version 0 for the next one)"
+    )
 
 
 def _version_zero(head: pb.Head) -> tuple[bytes, bytes]:
@@ -115,7 +117,11 @@ class DirectoryHeadStore(HeadStore):
     def _numbers(d: pathlib.Path, suffix: str) -> list[int]:
         if not d.is_dir():
             return []
-        return [int(p.name[:-len(suffix)]) for p in d.iterdir() if p.name.endswith(suffix) and p.name[:-len(suffix)].isdigit()]
+        return [
+            int(p.name[: -len(suffix)])
+            for p in d.iterdir()
+            if p.name.endswith(suffix) and p.name[: -len(suffix)].isdigit()
+        ]
 
     def _create(self, owner: str, head: pb.Head) -> int:
         d = self._owner_dir(owner) / head.name
@@ -283,7 +289,9 @@ class RedisHeadStore(HeadStore):
         return ",".join(sorted({str(v.get(name, "")) for v in values}))
 
     async def _check(self, at_start: bool) -> None:
-        from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError, TimeoutError as RedisTimeout
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import ResponseError
+        from redis.exceptions import TimeoutError as RedisTimeout
 
         where = f"the heads Redis {_redacted(self.url)}"
         try:
@@ -292,25 +300,35 @@ class RedisHeadStore(HeadStore):
             save = await self._config("save")
         except (RedisConnectionError, RedisTimeout, OSError) as e:
             if at_start:  # checked again before the first head RPC: the rest of the server serves
-                logger.warning("%s is unreachable (%s: %s): head RPCs answer UNAVAILABLE until it is", where,
-                               type(e).__name__, e)
+                logger.warning(
+                    "%s is unreachable (%s: %s): head RPCs answer UNAVAILABLE until it is", where, type(e).__name__, e
+                )
                 return
             raise UnavailableError(f"head store (Redis) unavailable: {type(e).__name__}: {e}") from None
         except ResponseError as e:  # managed Redis often refuses CONFIG: say what to check by hand
-            logger.warning("%s refuses CONFIG GET (%s): make sure its maxmemory-policy is noeviction (or volatile-*) "
-                           "and it persists (appendonly yes): heads have no TTL and are not recomputable", where, e)
+            logger.warning(
+                "%s refuses CONFIG GET (%s): make sure its maxmemory-policy is noeviction (or volatile-*) "
+                "and it persists (appendonly yes): heads have no TTL and are not recomputable",
+                where,
+                e,
+            )
             self._checked = True
             return
         if "allkeys-" in policy:
-            message = (f"{where} has maxmemory-policy {policy}: cache pressure would evict heads silently. Point "
-                       f"{self.flag} at a Redis with maxmemory-policy noeviction and appendonly yes "
-                       f"(deploy/k8s/components/heads-redis), or set its policy to noeviction")
+            message = (
+                f"{where} has maxmemory-policy {policy}: cache pressure would evict heads silently. Point "
+                f"{self.flag} at a Redis with maxmemory-policy noeviction and appendonly yes "
+                f"(deploy/k8s/components/heads-redis), or set its policy to noeviction"
+            )
             if at_start:
                 raise HeadStoreEvictableError(message)
             raise FailedPreconditionError(message)
         if appendonly != "yes" and not save.strip():
-            logger.warning("%s neither appends (appendonly %s) nor snapshots (save ''): a restart of it loses every head",
-                           where, appendonly)
+            logger.warning(
+                "%s neither appends (appendonly %s) nor snapshots (save ''): a restart of it loses every head",
+                where,
+                appendonly,
+            )
         self._checked = True
 
     async def _do(self, coro):
@@ -327,8 +345,11 @@ class RedisHeadStore(HeadStore):
     async def create(self, owner: str, head: pb.Head) -> int:
         data, info = _version_zero(head)
         await self._do(self._redis.sadd(OWNERS_KEY, owner))
-        version = int(await self._do(self._create(keys=list(self._keys(owner, head.name)),
-                                                  args=[head.version, data, info, head.name])))
+        version = int(
+            await self._do(
+                self._create(keys=list(self._keys(owner, head.name)), args=[head.version, data, info, head.name])
+            )
+        )
         if version < 0:
             raise HeadVersionTakenError(_taken_message(head))
         return version
@@ -376,5 +397,7 @@ def open_head_store(config) -> HeadStore:
     if config.heads_redis_url:
         return RedisHeadStore(config.heads_redis_url, timeout_s, flag="--heads-redis-url")
     if config.redis_url:
-        return RedisHeadStore(config.redis_url, timeout_s, flag="--heads-redis-url (without it heads live in the --redis-url Redis)")
+        return RedisHeadStore(
+            config.redis_url, timeout_s, flag="--heads-redis-url (without it heads live in the --redis-url Redis)"
+        )
     return DirectoryHeadStore(config.heads_path)

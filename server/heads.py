@@ -33,16 +33,43 @@ class HeadLimits:
 # erfc(x) = exp(-x^2) P(x) / Q(x) on 1 < |x| < 8; coefficients highest power first. In float64
 # the result is within 4e-16 of math.erf (tests/unit/test_heads_compute.py), far below float32's
 # epsilon (1.2e-7). numpy has no erf, and scipy is not a dependency.
-_ERF_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
-          7.00332514112805075473e3, 5.55923013010394962768e4)
-_ERF_U = (1.0, 3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
-          2.26290000613890934246e4, 4.92673942608635921086e4)
-_ERFC_P = (2.46196981473530512524e-10, 5.64189564831068821977e-1, 7.46321056442269912687e0,
-           4.86371970985681366614e1, 1.96520832956077098242e2, 5.26445194995477358631e2,
-           9.34528527171957607540e2, 1.02755188689515710272e3, 5.57535335369399327526e2)
-_ERFC_Q = (1.0, 1.32281951154744992508e1, 8.67072140885989742329e1, 3.54937778887819891062e2,
-           9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
-           1.65666309194161350182e3, 5.57535340817727675546e2)
+_ERF_T = (
+    9.60497373987051638749e0,
+    9.00260197203842689217e1,
+    2.23200534594684319226e3,
+    7.00332514112805075473e3,
+    5.55923013010394962768e4,
+)
+_ERF_U = (
+    1.0,
+    3.35617141647503099647e1,
+    5.21357949780152679795e2,
+    4.59432382970980127987e3,
+    2.26290000613890934246e4,
+    4.92673942608635921086e4,
+)
+_ERFC_P = (
+    2.46196981473530512524e-10,
+    5.64189564831068821977e-1,
+    7.46321056442269912687e0,
+    4.86371970985681366614e1,
+    1.96520832956077098242e2,
+    5.26445194995477358631e2,
+    9.34528527171957607540e2,
+    1.02755188689515710272e3,
+    5.57535335369399327526e2,
+)
+_ERFC_Q = (
+    1.0,
+    1.32281951154744992508e1,
+    8.67072140885989742329e1,
+    3.54937778887819891062e2,
+    9.75708501743205489753e2,
+    1.82390916687909736289e3,
+    2.24633760818710981792e3,
+    1.65666309194161350182e3,
+    5.57535340817727675546e2,
+)
 # From here on erfc(x) < 2e-17: 1 - erfc(x) rounds to 1 in float64.
 _ERF_ONE_FROM = 6.0
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -77,7 +104,7 @@ def _blockwise(fn, x: np.ndarray) -> np.ndarray:
     flat = np.asarray(x, dtype=np.float64).reshape(-1)
     out = np.empty_like(flat)
     for i in range(0, flat.size, ERF_BLOCK):
-        out[i:i + ERF_BLOCK] = fn(flat[i:i + ERF_BLOCK])
+        out[i : i + ERF_BLOCK] = fn(flat[i : i + ERF_BLOCK])
     return out.reshape(np.shape(x))
 
 
@@ -117,9 +144,18 @@ def head_info(head: pb.Head, name: str | None = None) -> pb.HeadInfo:
     """What ListHeads says of a stored head, without compiling it; ``name`` as the caller addresses it."""
     layers = head.layers
     input_dim = int(layers[0].kernel.shape[0]) if layers and len(layers[0].kernel.shape) == 2 else 0
-    return pb.HeadInfo(name=name or head.name, version=head.version, backbone=head.backbone,
-                       backbone_fingerprint=head.backbone_fingerprint, layer=head.layer, class_names=head.class_names,
-                       metrics=head.metrics, kind=head.kind, created_unix_ms=head.created_unix_ms, input_dim=input_dim)
+    return pb.HeadInfo(
+        name=name or head.name,
+        version=head.version,
+        backbone=head.backbone,
+        backbone_fingerprint=head.backbone_fingerprint,
+        layer=head.layer,
+        class_names=head.class_names,
+        metrics=head.metrics,
+        kind=head.kind,
+        created_unix_ms=head.created_unix_ms,
+        input_dim=input_dim,
+    )
 
 
 class CompiledHead:
@@ -144,22 +180,30 @@ class CompiledHead:
             if len(shape) == 2:
                 params += shape[0] * shape[1] + shape[1]
                 if shape[1] > limits.max_width:
-                    raise InvalidArgumentError(f"head layer {i} has {shape[1]} units, over the limit of {limits.max_width} "
-                                               f"(--max-head-width)")
+                    raise InvalidArgumentError(
+                        f"head layer {i} has {shape[1]} units, over the limit of {limits.max_width} (--max-head-width)"
+                    )
                 if params > limits.max_parameters:
-                    raise InvalidArgumentError(f"head has more than {limits.max_parameters} parameters "
-                                               f"(--max-head-parameters)")
+                    raise InvalidArgumentError(
+                        f"head has more than {limits.max_parameters} parameters (--max-head-parameters)"
+                    )
             try:
                 kernel = tensors.from_proto(layer.kernel).astype(np.float32)
                 bias = tensors.from_proto(layer.bias).astype(np.float32)
             except tensors.TensorError as e:
                 raise InvalidArgumentError(f"head layer {i}: {e}") from None
             if kernel.ndim != 2 or bias.shape != (kernel.shape[1],):
-                raise InvalidArgumentError(f"head layer {i}: kernel must be (in, out) and bias (out,), got {kernel.shape}, {bias.shape}")
+                raise InvalidArgumentError(
+                    f"head layer {i}: kernel must be (in, out) and bias (out,), got {kernel.shape}, {bias.shape}"
+                )
             if prev is not None and kernel.shape[0] != prev:
-                raise InvalidArgumentError(f"head layer {i} takes {kernel.shape[0]} inputs but layer {i - 1} gives {prev}")
+                raise InvalidArgumentError(
+                    f"head layer {i} takes {kernel.shape[0]} inputs but layer {i - 1} gives {prev}"
+                )
             if layer.activation not in ACTIVATIONS:
-                raise InvalidArgumentError(f"head layer {i}: activation {layer.activation!r} is not one of {sorted(ACTIVATIONS)}")
+                raise InvalidArgumentError(
+                    f"head layer {i}: activation {layer.activation!r} is not one of {sorted(ACTIVATIONS)}"
+                )
             if not (np.all(np.isfinite(kernel)) and np.all(np.isfinite(bias))):
                 raise InvalidArgumentError(f"head layer {i} has NaN or Inf weights")
             prev = kernel.shape[1]
@@ -169,7 +213,11 @@ class CompiledHead:
         self.input_dim = self.layers[0][0].shape[0]
         self.num_outputs = prev
         self.max_width = max(max(k.shape) for k, _, _ in self.layers)
-        if head.class_names and len(head.class_names) != self.num_outputs and not (self.num_outputs == 1 and len(head.class_names) == 2):
+        if (
+            head.class_names
+            and len(head.class_names) != self.num_outputs
+            and not (self.num_outputs == 1 and len(head.class_names) == 2)
+        ):
             raise InvalidArgumentError(f"head has {len(head.class_names)} class names but {self.num_outputs} outputs")
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -178,8 +226,11 @@ class CompiledHead:
         Rows go through in chunks, so the activations of a wide head on many inputs stay small.
         """
         rows = max(1, CHUNK_ELEMENTS // self.max_width)
-        return np.concatenate([self._predict(x[i:i + rows]) for i in range(0, len(x), rows)]) if len(x) else \
-            np.zeros((0, max(2, self.num_outputs)), np.float32)
+        return (
+            np.concatenate([self._predict(x[i : i + rows]) for i in range(0, len(x), rows)])
+            if len(x)
+            else np.zeros((0, max(2, self.num_outputs)), np.float32)
+        )
 
     def _predict(self, x: np.ndarray) -> np.ndarray:
         for kernel, bias, activation in self.layers:
@@ -194,7 +245,9 @@ class CompiledHead:
 
 def check_name(name: str) -> None:
     if not HEAD_NAME.match(name or ""):
-        raise InvalidArgumentError(f"head name {name!r} must be 1-64 of letters, digits, '_', '.', '-', starting alphanumeric")
+        raise InvalidArgumentError(
+            f"head name {name!r} must be 1-64 of letters, digits, '_', '.', '-', starting alphanumeric"
+        )
 
 
 def parse_ref(ref: str) -> tuple[str | None, str]:
@@ -206,8 +259,10 @@ def parse_ref(ref: str) -> tuple[str | None, str]:
     if not slash:
         owner, name = None, ref
     elif "/" in name or not HEAD_NAME.match(owner):
-        raise InvalidArgumentError(f"head {ref!r} must be NAME or TENANT/NAME (a tenant name of letters, digits, "
-                                   f"'_', '.', '-', starting alphanumeric)")
+        raise InvalidArgumentError(
+            f"head {ref!r} must be NAME or TENANT/NAME (a tenant name of letters, digits, "
+            f"'_', '.', '-', starting alphanumeric)"
+        )
     check_name(name)
     return owner, name
 

@@ -57,8 +57,12 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         self.authenticator = authenticator
         # One gate per tenant that has limits (rate, items in flight).
         self._gates: dict[str, TenantGate] = {
-            t.name: TenantGate(t.name, t.limits, on_limited=lambda tenant, limit: metrics.tenant_limited.labels(tenant, limit).inc(),
-                               on_inflight=lambda tenant, n: metrics.tenant_inflight.labels(tenant).set(n))
+            t.name: TenantGate(
+                t.name,
+                t.limits,
+                on_limited=lambda tenant, limit: metrics.tenant_limited.labels(tenant, limit).inc(),
+                on_inflight=lambda tenant, n: metrics.tenant_inflight.labels(tenant).set(n),
+            )
             for t in (authenticator.tenants.values() if authenticator is not None else ())
             if t.limits.max_inflight_items or t.limits.requests_per_s
         }
@@ -79,8 +83,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(SERVICE_PREFIX):
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        kw = dict(request_deserializer=_lenient(handler.request_deserializer),
-                  response_serializer=handler.response_serializer)
+        kw = dict(
+            request_deserializer=_lenient(handler.request_deserializer), response_serializer=handler.response_serializer
+        )
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, handler.unary_unary), **kw)
         elif handler.stream_stream is not None:
@@ -122,6 +127,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         a stream (the same bytes on the wire) whose request is never read: an unauthenticated
         caller cannot make the server hold or parse its message.
         """
+
         async def refuse(_unread_requests, context: grpc.aio.ServicerContext) -> None:
             async with self._status(method, context):
                 raise error

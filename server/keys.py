@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 KEY_PREFIX = "fb1:"
 # Distinct (namespace, fingerprint, layer, dtype) prefixes kept pre-hashed: tenants x backbones x
@@ -43,8 +43,9 @@ def cache_key(content_key: str, *, fingerprint: str, layer: str, storage_dtype: 
     return KEY_PREFIX + h.hexdigest()
 
 
-def cache_keys(content_keys: Iterable[str], *, fingerprint: str, layer: str, storage_dtype: str,
-               namespace: str = "") -> list[str]:
+def cache_keys(
+    content_keys: Iterable[str], *, fingerprint: str, layer: str, storage_dtype: str, namespace: str = ""
+) -> list[str]:
     """``cache_key`` of many content keys that share everything else (one request's worth)."""
     prefix = _prefix(namespace, fingerprint, layer, storage_dtype)
     out = []

@@ -32,9 +32,10 @@ class Limits:
             raise ValueError(f"limits must be >= 0, got {self}")
 
     @classmethod
-    def from_dict(cls, spec: dict) -> "Limits":
-        return cls(int(spec.get("max_inflight_items", 0)), float(spec.get("requests_per_s", 0.0)),
-                   int(spec.get("burst", 0)))
+    def from_dict(cls, spec: dict) -> Limits:
+        return cls(
+            int(spec.get("max_inflight_items", 0)), float(spec.get("requests_per_s", 0.0)), int(spec.get("burst", 0))
+        )
 
 
 class TenantGate:
@@ -67,8 +68,10 @@ class TenantGate:
         self._refilled = now
         if self._tokens < 1.0:
             self._on_limited(self.tenant, "rate")
-            raise TenantLimitError(f"tenant {self.tenant!r} is over its rate of {rate:g} requests/s "
-                                   f"(burst {self.burst}); retry with backoff")
+            raise TenantLimitError(
+                f"tenant {self.tenant!r} is over its rate of {rate:g} requests/s "
+                f"(burst {self.burst}); retry with backoff"
+            )
         self._tokens -= 1.0
 
     def _fits(self, n: int) -> bool:
@@ -81,7 +84,8 @@ class TenantGate:
             self._on_limited(self.tenant, "inflight_items")
             raise TenantLimitError(
                 f"tenant {self.tenant!r} has {self.inflight} items in flight; {n} more would exceed its "
-                f"max_inflight_items={self.limits.max_inflight_items}; retry with backoff")
+                f"max_inflight_items={self.limits.max_inflight_items}; retry with backoff"
+            )
         self._add(n)
 
     async def acquire_wait(self, n: int) -> None:

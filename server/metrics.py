@@ -16,92 +16,138 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "featurebank_requests", "RPCs handled, by method, status code and tenant (empty without tokens).",
-            ["method", "code", "tenant"], registry=r
+            "featurebank_requests",
+            "RPCs handled, by method, status code and tenant (empty without tokens).",
+            ["method", "code", "tenant"],
+            registry=r,
         )
         self.tenant_inflight = Gauge(
-            "featurebank_tenant_inflight_items", "Items of a tenant's RPCs being worked on (tenants with a limit).",
-            ["tenant"], registry=r,
+            "featurebank_tenant_inflight_items",
+            "Items of a tenant's RPCs being worked on (tenants with a limit).",
+            ["tenant"],
+            registry=r,
         )
         self.tenant_limited = Counter(
-            "featurebank_tenant_limited", "RPCs refused because a tenant was over a limit (rate or inflight_items).",
-            ["tenant", "limit"], registry=r,
+            "featurebank_tenant_limited",
+            "RPCs refused because a tenant was over a limit (rate or inflight_items).",
+            ["tenant", "limit"],
+            registry=r,
         )
         self.items = Counter(
-            "featurebank_items", "Input items answered, by result: hit, miss (computed) or error.",
-            ["backbone", "layer", "result"], registry=r,
+            "featurebank_items",
+            "Input items answered, by result: hit, miss (computed) or error.",
+            ["backbone", "layer", "result"],
+            registry=r,
         )
         # Lookup's hits are counted in featurebank_items_total (an item answered from the cache);
         # its misses are not: the client then sends those inputs to Extract, which counts them.
         self.lookup_not_found = Counter(
-            "featurebank_lookup_not_found", "Content keys Lookup did not find (the client sends those inputs to Extract).",
-            ["backbone", "layer"], registry=r,
+            "featurebank_lookup_not_found",
+            "Content keys Lookup did not find (the client sends those inputs to Extract).",
+            ["backbone", "layer"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "featurebank_request_duration_seconds", "RPC latency as seen by the server.", ["method"],
-            buckets=LATENCY_BUCKETS_S, registry=r,
+            "featurebank_request_duration_seconds",
+            "RPC latency as seen by the server.",
+            ["method"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "featurebank_batch_size", "Items per batch sent to a worker.", ["backbone"],
-            buckets=BATCH_SIZE_BUCKETS, registry=r,
+            "featurebank_batch_size",
+            "Items per batch sent to a worker.",
+            ["backbone"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
         )
         self.queue_delay = Histogram(
-            "featurebank_queue_delay_seconds", "Time an item waited in the batcher before a worker took it.",
-            ["backbone"], buckets=LATENCY_BUCKETS_S, registry=r,
+            "featurebank_queue_delay_seconds",
+            "Time an item waited in the batcher before a worker took it.",
+            ["backbone"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.inference_duration = Histogram(
-            "featurebank_inference_duration_seconds", "Worker time per batch: decode, preprocess and forward pass.",
-            ["backbone"], buckets=LATENCY_BUCKETS_S, registry=r,
+            "featurebank_inference_duration_seconds",
+            "Worker time per batch: decode, preprocess and forward pass.",
+            ["backbone"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.worker_idle = Counter(
-            "featurebank_worker_idle_seconds", "Seconds workers waited with no batch to compute.", ["backbone"], registry=r,
+            "featurebank_worker_idle_seconds",
+            "Seconds workers waited with no batch to compute.",
+            ["backbone"],
+            registry=r,
         )
         self.worker_read = Counter(
-            "featurebank_worker_read_seconds", "Seconds workers spent reading and unpickling batches (in a reader thread, beside the compute).",
-            ["backbone"], registry=r,
+            "featurebank_worker_read_seconds",
+            "Seconds workers spent reading and unpickling batches (in a reader thread, beside the compute).",
+            ["backbone"],
+            registry=r,
         )
         self.queue_depth = Gauge("featurebank_queue_depth", "Items waiting in the batcher.", ["backbone"], registry=r)
-        self.workers_ready = Gauge("featurebank_workers_ready", "Worker processes ready to take batches.", ["backbone"], registry=r)
+        self.workers_ready = Gauge(
+            "featurebank_workers_ready", "Worker processes ready to take batches.", ["backbone"], registry=r
+        )
         self.worker_restarts = Counter(
             "featurebank_worker_restarts", "Worker processes restarted after dying.", ["backbone"], registry=r
         )
         self.watchdog_kills = Counter(
-            "featurebank_worker_watchdog_kills", "Workers killed because a batch ran far past the slowest seen (stuck).",
-            ["backbone"], registry=r,
+            "featurebank_worker_watchdog_kills",
+            "Workers killed because a batch ran far past the slowest seen (stuck).",
+            ["backbone"],
+            registry=r,
         )
         self.input_crashes = Counter(
-            "featurebank_input_crashes", "Items in a batch that killed a worker, by the tenant that sent them.",
-            ["backbone", "tenant"], registry=r,
+            "featurebank_input_crashes",
+            "Items in a batch that killed a worker, by the tenant that sent them.",
+            ["backbone", "tenant"],
+            registry=r,
         )
         self.poison_refused = Counter(
-            "featurebank_poison_refused", "Items refused without a worker: their input had crashed workers twice.",
-            ["backbone", "tenant"], registry=r,
+            "featurebank_poison_refused",
+            "Items refused without a worker: their input had crashed workers twice.",
+            ["backbone", "tenant"],
+            registry=r,
         )
         self.cache_errors = Counter(
             "featurebank_cache_errors", "Cache backend operations that failed or timed out.", ["op"], registry=r
         )
         self.cache_corrupt = Counter(
-            "featurebank_cache_corrupt_values", "Cached values that failed their checksum and were recomputed.", registry=r
+            "featurebank_cache_corrupt_values",
+            "Cached values that failed their checksum and were recomputed.",
+            registry=r,
         )
         self.singleflight_joins = Counter(
-            "featurebank_singleflight_joins", "Missed items that joined an identical computation already in flight.",
-            ["backbone"], registry=r,
+            "featurebank_singleflight_joins",
+            "Missed items that joined an identical computation already in flight.",
+            ["backbone"],
+            registry=r,
         )
         self.rejected_items = Counter(
             "featurebank_rejected_items", "Items refused because the batch queue was full.", ["backbone"], registry=r
         )
         self.dropped_items = Counter(
-            "featurebank_dropped_items", "Queued items dropped before a worker because their RPC was cancelled or past its deadline.",
-            ["backbone", "reason"], registry=r,
+            "featurebank_dropped_items",
+            "Queued items dropped before a worker because their RPC was cancelled or past its deadline.",
+            ["backbone", "reason"],
+            registry=r,
         )
         self.traces = Gauge(
-            "featurebank_worker_traces", "tf.function traces per worker since start (constant after warm-up).",
-            ["backbone", "worker"], registry=r,
+            "featurebank_worker_traces",
+            "tf.function traces per worker since start (constant after warm-up).",
+            ["backbone", "worker"],
+            registry=r,
         )
         self.head_predictions = Counter(
             "featurebank_head_predictions", "Items a served head predicted.", ["head", "version"], registry=r
         )
         self.head_duration = Histogram(
-            "featurebank_head_predict_duration_seconds", "Predict latency per head (features + head).",
-            ["head", "version"], buckets=LATENCY_BUCKETS_S, registry=r,
+            "featurebank_head_predict_duration_seconds",
+            "Predict latency per head (features + head).",
+            ["head", "version"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )

@@ -6,7 +6,8 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,8 +46,15 @@ class MissPath:
     one round trip per step, however many keys.
     """
 
-    def __init__(self, cache: FeatureCache, metrics: Metrics, *, storage_dtype: str, claim_ttl_ms: int,
-                 recent_max_items: int = 1024):
+    def __init__(
+        self,
+        cache: FeatureCache,
+        metrics: Metrics,
+        *,
+        storage_dtype: str,
+        claim_ttl_ms: int,
+        recent_max_items: int = 1024,
+    ):
         self.cache = cache
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
@@ -62,9 +70,19 @@ class MissPath:
         self._read = Coalescer(cache.get_many)
         self._write = Coalescer(self._set_many)
 
-    async def compute(self, served: Any, layer: str, keys: Sequence[str], payloads: dict, *, deadline: float | None,
-                      tenant: str = "", claim: bool = False, write: bool = True,
-                      wait_for_room: bool = False) -> dict[str, Computed | BaseException]:
+    async def compute(
+        self,
+        served: Any,
+        layer: str,
+        keys: Sequence[str],
+        payloads: dict,
+        *,
+        deadline: float | None,
+        tenant: str = "",
+        claim: bool = False,
+        write: bool = True,
+        wait_for_room: bool = False,
+    ) -> dict[str, Computed | BaseException]:
         """Features (or the exception) per cache key, joining computations already in flight.
 
         A unary request whose new items do not fit the queue (or its tenant's share of it) is
@@ -90,8 +108,10 @@ class MissPath:
             if flight is None:
                 item = PendingItem(payloads[key], layer, loop.create_future(), deadline, key=key, tenant=tenant)
                 flight, _ = self.flights.join(
-                    key, lambda f, item=item: self._own(f, served, item, claim=claim, write=write, wait=wait_for_room),
-                    data=item)
+                    key,
+                    lambda f, item=item: self._own(f, served, item, claim=claim, write=write, wait=wait_for_room),
+                    data=item,
+                )
             else:
                 flight, _ = self.flights.join(key, None)  # type: ignore[arg-type]
                 item = flight.data
@@ -109,8 +129,9 @@ class MissPath:
         if tenant:
             self.metrics.tenant_limited.labels(tenant, "queue_share").inc()
 
-    async def _own(self, flight: Flight[Computed], served: Any, item: PendingItem, *, claim: bool, write: bool,
-                   wait: bool) -> Computed:
+    async def _own(
+        self, flight: Flight[Computed], served: Any, item: PendingItem, *, claim: bool, write: bool, wait: bool
+    ) -> Computed:
         """The owner of one key: claim -> queue -> wait (refreshing the claim) -> write -> release."""
         key = item.key
         token = self.cache.claim_token() if claim else ""

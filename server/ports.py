@@ -12,8 +12,11 @@ class PortInUseError(OSError):
 
     def __init__(self, what: str, host: str, port: int, flag: str, reason: str = "already in use"):
         self.what, self.host, self.port, self.flag = what, host, port, flag
-        super().__init__(errno.EADDRINUSE, f"{what} port {port} on {host} is {reason}: pick a free one with {flag} "
-                                           f"(0 = any free port), or stop what listens there")
+        super().__init__(
+            errno.EADDRINUSE,
+            f"{what} port {port} on {host} is {reason}: pick a free one with {flag} "
+            f"(0 = any free port), or stop what listens there",
+        )
 
     def __str__(self) -> str:
         return self.strerror
@@ -34,8 +37,9 @@ def check_free(what: str, host: str, port: int, flag: str) -> None:
         return
     bind_host = _bind_host(host) or "::"
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(bind_host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            bind_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         probe = socket.socket(family, kind, proto)
     except OSError:  # an unresolvable host, no IPv6 here, ...: the real bind decides (gRPC falls back to IPv4)
         return

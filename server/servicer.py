@@ -6,11 +6,9 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
-import fnmatch
 import logging
 import os
 import re
-import time
 from typing import Any
 
 import grpc
@@ -23,7 +21,10 @@ from featurebank.server.auth import current_tenant
 from featurebank.server.batching import DynamicBatcher
 from featurebank.server.cache import FeatureCache
 from featurebank.server.errors import (
-    FailedPreconditionError, FeatureBankError, InvalidArgumentError, NotFoundError, UnavailableError,
+    FeatureBankError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
 )
 from featurebank.server.head_rpcs import HeadRPCs
 from featurebank.server.head_store import DirectoryHeadStore, HeadStore
@@ -97,7 +98,7 @@ def _cached_to_proto(value: bytes, header: codec.Header, want: int, out_dtype: n
     if _STORED_TENSOR_DTYPES[header.code] == want:
         out.dtype = want
         out.shape[:] = header.shape
-        out.data = bytes(value[header.offset:])  # bytes(...) of a bytes slice is that slice: one copy
+        out.data = bytes(value[header.offset :])  # bytes(...) of a bytes slice is that slice: one copy
     else:
         tensors.to_proto(codec.to_array(value, header).astype(out_dtype, copy=False), out)
 
@@ -108,10 +109,22 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
     # Largest text input in UTF-8 bytes (the server sets --max-text-bytes).
     max_text_bytes = 64 * 1024
 
-    def __init__(self, backbones: dict[str, ServedBackbone], cache: FeatureCache, metrics: Metrics,
-                 *, storage_dtype: str, max_items_per_request: int, max_tensor_elements: int = 50_000_000,
-                 stream_window: int = 4, heads: HeadStore | None = None, shared_cache_backbones=(),
-                 claim_ttl_ms: int = 30_000, head_limits: HeadLimits = HeadLimits(), heads_cache_bytes: int = 256 << 20):
+    def __init__(
+        self,
+        backbones: dict[str, ServedBackbone],
+        cache: FeatureCache,
+        metrics: Metrics,
+        *,
+        storage_dtype: str,
+        max_items_per_request: int,
+        max_tensor_elements: int = 50_000_000,
+        stream_window: int = 4,
+        heads: HeadStore | None = None,
+        shared_cache_backbones=(),
+        claim_ttl_ms: int = 30_000,
+        head_limits: HeadLimits | None = None,
+        heads_cache_bytes: int = 256 << 20,
+    ):
         self.cache = cache
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
@@ -124,7 +137,7 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         self.claim_ttl_ms = claim_ttl_ms
         self._hasher: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first large input
         self.heads = heads if heads is not None else DirectoryHeadStore(os.path.join(os.getcwd(), "featurebank-heads"))
-        self.head_limits = head_limits
+        self.head_limits = head_limits if head_limits is not None else HeadLimits()
         self._compiled_heads = CompiledHeadCache(heads_cache_bytes)
         self._head_threads: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first head RPC
         # Single-flight: one owner task per cache key in flight, shared by every request.
@@ -154,7 +167,8 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             if not backbone:
                 raise InvalidArgumentError(
                     f"no backbone named and none is the default for {first_kind or 'these'} inputs; "
-                    f"served: {', '.join(sorted(self.backbones))}")
+                    f"served: {', '.join(sorted(self.backbones))}"
+                )
         tenant = current_tenant.get()
         if tenant is not None:
             tenant.check_backbone(backbone)
@@ -167,13 +181,23 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         return served, layer
 
     def _cache_key(self, served: ServedBackbone, layer: str, content_key: str) -> str:
-        return cache_key(content_key, fingerprint=served.info.fingerprint, layer=layer,
-                         storage_dtype=self._storage_dtype_name, namespace=self._namespace(served.info.name))
+        return cache_key(
+            content_key,
+            fingerprint=served.info.fingerprint,
+            layer=layer,
+            storage_dtype=self._storage_dtype_name,
+            namespace=self._namespace(served.info.name),
+        )
 
     def _cache_keys(self, served: ServedBackbone, layer: str, content_keys) -> list[str]:
         """``_cache_key`` of each content key, resolving the caller's namespace once."""
-        return cache_keys(content_keys, fingerprint=served.info.fingerprint, layer=layer,
-                          storage_dtype=self._storage_dtype_name, namespace=self._namespace(served.info.name))
+        return cache_keys(
+            content_keys,
+            fingerprint=served.info.fingerprint,
+            layer=layer,
+            storage_dtype=self._storage_dtype_name,
+            namespace=self._namespace(served.info.name),
+        )
 
     def _namespace(self, backbone: str) -> str:
         """The caller's cache-key salt: tenants cannot read, or learn about, each other's entries,
@@ -217,8 +241,9 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             loop = asyncio.get_running_loop()
             n = min(len(big), HASH_THREADS)
             groups = [big[g::n] for g in range(n)]
-            done = await asyncio.gather(*(loop.run_in_executor(self._hasher, _run_jobs, [jobs[j] for j in g])
-                                          for g in groups))
+            done = await asyncio.gather(
+                *(loop.run_in_executor(self._hasher, _run_jobs, [jobs[j] for j in g]) for g in groups)
+            )
             for g, keys in zip(groups, done):
                 for j, key in zip(g, keys):
                     out[j] = key
@@ -230,8 +255,10 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         if kind is None:
             raise ItemFailure(grpc.StatusCode.INVALID_ARGUMENT, "empty input: set one of image, text, tensor")
         if kind not in _ACCEPTS[served.info.input_kind]:
-            raise ItemFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"backbone {served.info.name!r} takes {served.info.input_kind} inputs, not {kind}")
+            raise ItemFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"backbone {served.info.name!r} takes {served.info.input_kind} inputs, not {kind}",
+            )
         if kind == "image":
             payload: Any = item.image  # once: each read of a bytes field is a copy
             if not payload:
@@ -241,9 +268,11 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             # Bounded in UTF-8 bytes before a worker tokenizes it; a text of at most a quarter of the
             # bound in characters fits whatever it holds, so short texts are never encoded here.
             if len(payload) * 4 > self.max_text_bytes and (n := len(payload.encode("utf-8"))) > self.max_text_bytes:
-                raise ItemFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"text is {n} bytes, over max_text_bytes={self.max_text_bytes}: "
-                                  "send a shorter text (or raise --max-text-bytes)")
+                raise ItemFailure(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"text is {n} bytes, over max_text_bytes={self.max_text_bytes}: "
+                    "send a shorter text (or raise --max-text-bytes)",
+                )
         else:
             try:
                 payload = tensors.from_proto(item.tensor, self.max_tensor_elements)
@@ -274,8 +303,9 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             for task in in_progress:
                 task.cancel()
 
-    async def extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None, *,
-                      wait_for_room: bool = False) -> pb.ExtractResponse:
+    async def extract(
+        self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None, *, wait_for_room: bool = False
+    ) -> pb.ExtractResponse:
         """The Extract pipeline for one request message (also used by ExtractStream and Predict).
 
         Its inputs count against the tenant's ``max_inflight_items`` while it runs: over the limit
@@ -286,14 +316,16 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         async with items_in_flight(len(request.inputs), wait=wait_for_room):
             return await self._extract(request, context, wait_for_room)
 
-    async def _extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None,
-                       wait_for_room: bool = False) -> pb.ExtractResponse:
+    async def _extract(
+        self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None, wait_for_room: bool = False
+    ) -> pb.ExtractResponse:
         n = len(request.inputs)
         if n == 0:
             raise InvalidArgumentError("no inputs: send at least one Input")
         if n > self.max_items_per_request:
             raise InvalidArgumentError(
-                f"{n} inputs in one request, over max_items_per_request={self.max_items_per_request}; split the request")
+                f"{n} inputs in one request, over max_items_per_request={self.max_items_per_request}; split the request"
+            )
         out_dtype = _OUTPUT_DTYPES.get(request.output_dtype)
         if out_dtype is None:
             raise InvalidArgumentError("output_dtype must be FLOAT32 or FLOAT16")
@@ -352,10 +384,16 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             remaining = context.time_remaining() if context is not None else None
             tenant = current_tenant.get()
             computed = await self.misses.compute(
-                served, layer, misses, payloads,
+                served,
+                layer,
+                misses,
+                payloads,
                 deadline=None if remaining is None else asyncio.get_running_loop().time() + remaining,
-                tenant=tenant.name if tenant is not None else "", claim=request.cache_policy == pb.USE,
-                write=request.cache_policy != pb.BYPASS, wait_for_room=wait_for_room)
+                tenant=tenant.name if tenant is not None else "",
+                claim=request.cache_policy == pb.USE,
+                write=request.cache_policy != pb.BYPASS,
+                wait_for_room=wait_for_room,
+            )
             for key, outcome in computed.items():
                 if isinstance(outcome, BaseException):
                     code = outcome.code if isinstance(outcome, FeatureBankError) else grpc.StatusCode.INTERNAL
@@ -394,7 +432,9 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         if n == 0:
             raise InvalidArgumentError("no keys: send at least one content key")
         if n > self.max_items_per_request:
-            raise InvalidArgumentError(f"{n} keys in one request, over max_items_per_request={self.max_items_per_request}")
+            raise InvalidArgumentError(
+                f"{n} keys in one request, over max_items_per_request={self.max_items_per_request}"
+            )
         out_dtype = _OUTPUT_DTYPES.get(request.output_dtype)
         if out_dtype is None:
             raise InvalidArgumentError("output_dtype must be FLOAT32 or FLOAT16")
@@ -404,14 +444,21 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         async with items_in_flight(n):
             return await self._lookup(request, served, layer, out_dtype)
 
-    async def _lookup(self, request: pb.LookupRequest, served: ServedBackbone, layer: str, out_dtype) -> pb.ExtractResponse:
+    async def _lookup(
+        self, request: pb.LookupRequest, served: ServedBackbone, layer: str, out_dtype
+    ) -> pb.ExtractResponse:
         n = len(request.keys)
-        response = pb.ExtractResponse(backbone_fingerprint=served.info.fingerprint, backbone=served.info.name, layer=layer)
+        response = pb.ExtractResponse(
+            backbone_fingerprint=served.info.fingerprint, backbone=served.info.name, layer=layer
+        )
         results = [response.results.add(key=k) for k in request.keys]
         valid = [i for i, k in enumerate(request.keys) if _CONTENT_KEY.match(k)]
         for i in set(range(n)) - set(valid):
-            _set_error(results[i], grpc.StatusCode.INVALID_ARGUMENT,
-                       f"{request.keys[i][:64]!r} is not a content key (32 lowercase hex characters)")
+            _set_error(
+                results[i],
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{request.keys[i][:64]!r} is not a content key (32 lowercase hex characters)",
+            )
         values = await self.cache.get_many(self._cache_keys(served, layer, [request.keys[i] for i in valid]))
         want = _OUTPUT_TENSOR_DTYPES[request.output_dtype]
         hits = 0
@@ -437,9 +484,13 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         for name, b in sorted(self.backbones.items()):
             i = b.info
             response.backbones.add(
-                name=name, fingerprint=i.fingerprint, input_kind=i.input_kind, default_layer=i.default_layer,
+                name=name,
+                fingerprint=i.fingerprint,
+                input_kind=i.input_kind,
+                default_layer=i.default_layer,
                 layers=[pb.LayerInfo(name=l.name, shape=l.shape) for l in i.layers],
-                input_size=i.input_size, preprocessing=i.preprocessing,
+                input_size=i.input_size,
+                preprocessing=i.preprocessing,
                 workers_ready=b.pool.ready_count if b.pool is not None else 0,
             )
         return response

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Generic, Hashable, TypeVar
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ class Group(Generic[T]):
     def get(self, key: Hashable) -> Flight[T] | None:
         return self._flights.get(key)
 
-    def join(self, key: Hashable, start: Callable[[Flight[T]], Awaitable[T]], data: Any = None) -> tuple[Flight[T], bool]:
+    def join(
+        self, key: Hashable, start: Callable[[Flight[T]], Awaitable[T]], data: Any = None
+    ) -> tuple[Flight[T], bool]:
         """The flight for ``key`` with one more waiter, and whether this call started it.
 
         A new flight runs ``start(flight)`` as its owner task; when that returns (or raises)

@@ -10,15 +10,28 @@ from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 
 
-def dense_head(name: str, fingerprint: str, widths: tuple[int, ...] = (16, 2), seed: int = 0,
-               activations: tuple[str, ...] | None = None, backbone: str = "toy", layer: str = "pooled",
-               version: int = 0) -> pb.Head:
+def dense_head(
+    name: str,
+    fingerprint: str,
+    widths: tuple[int, ...] = (16, 2),
+    seed: int = 0,
+    activations: tuple[str, ...] | None = None,
+    backbone: str = "toy",
+    layer: str = "pooled",
+    version: int = 0,
+) -> pb.Head:
     """A head of dense layers widths[0] -> widths[1] -> ..., seeded random weights, softmax last."""
     rng = np.random.default_rng(seed)
     n = len(widths) - 1
     activations = activations or ("relu",) * (n - 1) + ("softmax",)
-    head = pb.Head(name=name, version=version, backbone=backbone, backbone_fingerprint=fingerprint, layer=layer,
-                   kind="mlp" if n > 1 else "logistic")
+    head = pb.Head(
+        name=name,
+        version=version,
+        backbone=backbone,
+        backbone_fingerprint=fingerprint,
+        layer=layer,
+        kind="mlp" if n > 1 else "logistic",
+    )
     for i in range(n):
         kernel = rng.normal(0, 1 / np.sqrt(widths[i]), (widths[i], widths[i + 1])).astype(np.float32)
         bias = rng.normal(0, 0.1, widths[i + 1]).astype(np.float32)
@@ -37,10 +50,14 @@ class Stub:
 
     def __getattr__(self, method: str):
         call = getattr(self.stub, method)
-        return lambda request, **kw: call(request, metadata=self.metadata, timeout=kw.pop("timeout", self.timeout_s), **kw)
+        return lambda request, **kw: call(
+            request, metadata=self.metadata, timeout=kw.pop("timeout", self.timeout_s), **kw
+        )
 
     def fingerprint(self, backbone: str = "toy") -> str:
-        return next(b.fingerprint for b in self.ListBackbones(pb.ListBackbonesRequest()).backbones if b.name == backbone)
+        return next(
+            b.fingerprint for b in self.ListBackbones(pb.ListBackbonesRequest()).backbones if b.name == backbone
+        )
 
     def close(self) -> None:
         self.channel.close()

@@ -51,12 +51,14 @@ def animated_gif(frames: int = 3000, size: tuple[int, int] = (64, 64), seed: int
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    palette_frames = [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).quantize(16)
-                      for _ in range(min(frames, 8))]
+    palette_frames = [
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).quantize(16) for _ in range(min(frames, 8))
+    ]
     images = [palette_frames[i % len(palette_frames)] for i in range(frames)]
     buf = io.BytesIO()
-    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=10, loop=0,
-                   optimize=False, disposal=1)
+    images[0].save(
+        buf, format="GIF", save_all=True, append_images=images[1:], duration=10, loop=0, optimize=False, disposal=1
+    )
     return buf.getvalue(), np.asarray(images[0].convert("RGB"))
 
 

@@ -13,7 +13,8 @@ import multiprocessing
 import multiprocessing.connection
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -88,7 +89,9 @@ class WorkerProcess:
     def spawn(self) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
         self.process = self._ctx.Process(
-            target=worker_main.main, args=(child, self.setup), daemon=True,
+            target=worker_main.main,
+            args=(child, self.setup),
+            daemon=True,
             name=f"featurebank-worker-{self.setup.backbone}-{self.setup.worker_index}",
         )
         self.state = WorkerState.STARTING
@@ -211,12 +214,18 @@ class WorkerPool:
         self.on_ready_change = on_ready_change or (lambda backbone, ready: None)
         self._crashes: collections.OrderedDict[str, int] = collections.OrderedDict()  # content key -> crashes
         self.workers = [
-            WorkerProcess(WorkerSetup(
-                backbone=backbone, options=options, worker_index=i,
-                gpu=gpus[i % len(gpus)] if gpus else None,
-                intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads, warmup=warmup,
-                memory_limit_mb=memory_limit_mb,
-            ))
+            WorkerProcess(
+                WorkerSetup(
+                    backbone=backbone,
+                    options=options,
+                    worker_index=i,
+                    gpu=gpus[i % len(gpus)] if gpus else None,
+                    intra_op_threads=intra_op_threads,
+                    inter_op_threads=inter_op_threads,
+                    warmup=warmup,
+                    memory_limit_mb=memory_limit_mb,
+                )
+            )
             for i in range(num_workers)
         ]
         self.info: BackboneInfo | None = None
@@ -246,7 +255,9 @@ class WorkerPool:
         for w in self.workers:
             self.metrics.traces.labels(self.backbone, str(w.setup.worker_index)).set(w.ready.trace_count)
         self._update_ready()
-        self._tasks = [asyncio.create_task(self._feed(w), name=f"feed-{self.backbone}-{i}") for i, w in enumerate(self.workers)]
+        self._tasks = [
+            asyncio.create_task(self._feed(w), name=f"feed-{self.backbone}-{i}") for i, w in enumerate(self.workers)
+        ]
         if self.watchdog_floor_s > 0:
             self._tasks.append(asyncio.create_task(self._watchdog(), name=f"watchdog-{self.backbone}"))
         return self.info
@@ -308,9 +319,12 @@ class WorkerPool:
                 continue
             if not item.future.done():
                 self.metrics.poison_refused.labels(self.backbone, item.tenant).inc()
-                item.future.set_exception(WorkerCrashError(
-                    f"refused: this input crashed {self.backbone} workers {crashes} times before; "
-                    "it is not sent to a worker again"))
+                item.future.set_exception(
+                    WorkerCrashError(
+                        f"refused: this input crashed {self.backbone} workers {crashes} times before; "
+                        "it is not sent to a worker again"
+                    )
+                )
         return keep
 
     async def _feed(self, w: WorkerProcess) -> None:
@@ -454,8 +468,13 @@ class WorkerPool:
                 item.future.set_result(feats)
 
     def _on_death(self, w: WorkerProcess, items: list[PendingItem], reason: str) -> None:
-        logger.error("worker %s-%d died (%s) %s; restarting it", self.backbone, w.setup.worker_index, reason,
-                     f"with a batch of {len(items)}" if items else "while idle")
+        logger.error(
+            "worker %s-%d died (%s) %s; restarting it",
+            self.backbone,
+            w.setup.worker_index,
+            reason,
+            f"with a batch of {len(items)}" if items else "while idle",
+        )
         self.metrics.worker_restarts.labels(self.backbone).inc()
         self._update_ready()
         retry = []
@@ -465,8 +484,11 @@ class WorkerPool:
             if item.future.done():
                 continue
             if max(item.attempts, crashes) >= MAX_ATTEMPTS:
-                item.future.set_exception(WorkerCrashError(
-                    f"this input crashed the {self.backbone} worker {crashes} times ({reason}); not retried"))
+                item.future.set_exception(
+                    WorkerCrashError(
+                        f"this input crashed the {self.backbone} worker {crashes} times ({reason}); not retried"
+                    )
+                )
             else:
                 retry.append(item)
         self.batcher.requeue(retry)
@@ -495,8 +517,13 @@ class WorkerPool:
                 return
             except (WorkerDied, WorkerSetupError) as e:
                 delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
-                logger.error("restarting worker %s-%d failed (%s); next try in %.1fs",
-                             self.backbone, w.setup.worker_index, e, delay)
+                logger.error(
+                    "restarting worker %s-%d failed (%s); next try in %.1fs",
+                    self.backbone,
+                    w.setup.worker_index,
+                    e,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     async def close(self) -> None:

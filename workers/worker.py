@@ -79,8 +79,10 @@ def compute(backbone, batch: Batch, memory_limit_mb: int = 0) -> BatchResult:
             errors[i] = ("INVALID_ARGUMENT", str(e))
         except MemoryError:  # the memory cap stopped it: this input alone, the worker lives on
             logger.warning("preprocessing item %d hit the worker's memory limit", i)
-            errors[i] = ("INVALID_ARGUMENT", f"input needs more memory than a worker may use "
-                                             f"(worker_memory_limit_mb={memory_limit_mb})")
+            errors[i] = (
+                "INVALID_ARGUMENT",
+                f"input needs more memory than a worker may use (worker_memory_limit_mb={memory_limit_mb})",
+            )
         except Exception as e:  # a bug or an exotic input: this item only
             logger.exception("preprocessing item %d failed", i)
             errors[i] = ("INTERNAL", f"preprocessing failed: {type(e).__name__}: {e}")

@@ -26,7 +26,7 @@ BIG_CHANNEL = [("grpc.max_send_message_length", 2 * BIG_BYTES), ("grpc.max_recei
 
 # A toy backbone whose forward passes (after warm-up) wait until the gate file exists: RPCs stay
 # in flight exactly as long as a test needs, with no timing involved.
-GATED_BACKBONE = '''
+GATED_BACKBONE = """
 import os, time
 from featurebank.workers.backbones.toy import ToyBackbone
 
@@ -45,7 +45,7 @@ class GatedToy(ToyBackbone):
                 raise RuntimeError("gate never opened")
             time.sleep(0.01)
         return super().forward(batch)
-'''
+"""
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -81,10 +81,16 @@ def test_unauthenticated_messages_are_refused_unread(tokens_server):
     """Six concurrent 50 MB messages without a valid token (unary and streaming) all get UNAUTHENTICATED while the server's peak RSS grows by less than one of them; then it serves."""
     request = _big_extract(BIG_BYTES)
     pid = tokens_server.proc.pid
-    calls = [(EXTRACT, ()), (EXTRACT, (("authorization", "Bearer not-a-token-of-anyone"),)),
-             (EXTRACT, (("authorization", "Basic xyz"),)), (EXTRACT, ()),
-             (EXTRACT_STREAM, ()), (EXTRACT_STREAM, (("authorization", "Bearer not-a-token-of-anyone"),))]
+    calls = [
+        (EXTRACT, ()),
+        (EXTRACT, (("authorization", "Bearer not-a-token-of-anyone"),)),
+        (EXTRACT, (("authorization", "Basic xyz"),)),
+        (EXTRACT, ()),
+        (EXTRACT_STREAM, ()),
+        (EXTRACT_STREAM, (("authorization", "Bearer not-a-token-of-anyone"),)),
+    ]
     with grpc.insecure_channel(tokens_server.target, options=BIG_CHANNEL) as channel:
+
         def call(method_and_metadata):
             method, metadata = method_and_metadata
             try:
@@ -101,10 +107,14 @@ def test_unauthenticated_messages_are_refused_unread(tokens_server):
         with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
             answers = list(pool.map(call, calls))
         growth_bytes = (memory_kib(pid)["VmHWM"] - before) * 1024
-    logger.info("server peak RSS growth for %d unauthenticated 50 MB messages: %.1f MiB", len(calls), growth_bytes / 2**20)
+    logger.info(
+        "server peak RSS growth for %d unauthenticated 50 MB messages: %.1f MiB", len(calls), growth_bytes / 2**20
+    )
     assert [code for code, _ in answers] == [grpc.StatusCode.UNAUTHENTICATED] * len(calls), answers
     assert any("bearer token" in details for _, details in answers)
-    assert growth_bytes < BIG_BYTES, f"peak RSS grew by {growth_bytes / 2**20:.0f} MiB for {len(calls)} unread 50 MB messages"
+    assert growth_bytes < BIG_BYTES, (
+        f"peak RSS grew by {growth_bytes / 2**20:.0f} MiB for {len(calls)} unread 50 MB messages"
+    )
     with FeatureBank(tokens_server.target, token=TOKEN, timeout_s=60) as bank:
         assert bank.extract(random_images(1, seed=501), backbone="toy").shape == (1, 16)
     assert tokens_server.metric("featurebank_requests_total", code="UNAUTHENTICATED") >= len(calls)
@@ -113,8 +123,9 @@ def test_unauthenticated_messages_are_refused_unread(tokens_server):
 def test_a_message_over_the_receive_limit_is_resource_exhausted(tokens_server):
     """By default a request over 4 MiB gets RESOURCE_EXHAUSTED naming both sizes, and the SDK's split requests (under 3 MiB each) pass."""
     with grpc.insecure_channel(tokens_server.target, options=BIG_CHANNEL) as channel, pytest.raises(grpc.RpcError) as e:
-        channel.unary_unary(EXTRACT)(_big_extract(5 * 1024 * 1024), metadata=(("authorization", f"Bearer {TOKEN}"),),
-                                     timeout=60)
+        channel.unary_unary(EXTRACT)(
+            _big_extract(5 * 1024 * 1024), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=60
+        )
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in e.value.details() and str(4 * 1024 * 1024) in e.value.details(), e.value.details()
     # ~1.1 MB of noise each: 6 MB in all, sent by the SDK as several requests under the limit.
@@ -128,12 +139,25 @@ def test_a_message_over_the_receive_limit_is_resource_exhausted(tokens_server):
 def gated_server(tmp_path):
     """A gated toy backbone with at most 2 RPCs at once, 1 per connection, and a plaintext health port."""
     (tmp_path / "tests_gated_toy.py").write_text(GATED_BACKBONE)
-    (tmp_path / "tokens.json").write_text(json.dumps({"tenants": {"a": {"tokens": [TOKEN], "max_inflight_items": 1000}}}))
+    (tmp_path / "tokens.json").write_text(
+        json.dumps({"tenants": {"a": {"tokens": [TOKEN], "max_inflight_items": 1000}}})
+    )
     gate = tmp_path / "gate"
-    s = ServerProcess("--backbone", "tests_gated_toy:GatedToy", "--tokens-file", str(tmp_path / "tokens.json"),
-                      "--max-concurrent-rpcs", "2", "--max-concurrent-streams", "1", "--health-port", "0",
-                      "--max-batch-delay-ms", "0",
-                      env={"PYTHONPATH": f"{tmp_path}:{TESTS_DIR}", "FB_TEST_GATE": str(gate)})
+    s = ServerProcess(
+        "--backbone",
+        "tests_gated_toy:GatedToy",
+        "--tokens-file",
+        str(tmp_path / "tokens.json"),
+        "--max-concurrent-rpcs",
+        "2",
+        "--max-concurrent-streams",
+        "1",
+        "--health-port",
+        "0",
+        "--max-batch-delay-ms",
+        "0",
+        env={"PYTHONPATH": f"{tmp_path}:{TESTS_DIR}", "FB_TEST_GATE": str(gate)},
+    )
     s.gate = gate
     try:
         yield s.start()
@@ -161,9 +185,17 @@ def test_concurrency_is_bounded_per_server_and_per_connection(gated_server):
     images = random_images(4, seed=503)
     inflight = lambda: s.metric("featurebank_tenant_inflight_items", tenant="a")  # noqa: E731
     # Three client connections: channels with equal arguments would share one (gRPC's global subchannel pool).
-    a, b, c = (FeatureBank(s.target, token=TOKEN, timeout_s=120,
-                           channel=grpc.insecure_channel(s.target, options=[*channel_options(), ("grpc.use_local_subchannel_pool", 1)]))
-               for _ in range(3))
+    a, b, c = (
+        FeatureBank(
+            s.target,
+            token=TOKEN,
+            timeout_s=120,
+            channel=grpc.insecure_channel(
+                s.target, options=[*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+            ),
+        )
+        for _ in range(3)
+    )
     with a, b, c, concurrent.futures.ThreadPoolExecutor(3) as pool:
         first = pool.submit(a.extract, images[:1], backbone="tests_gated_toy:GatedToy", cache_policy=pb.BYPASS)
         wait_until(lambda: inflight() == 1, 30, "the first call in flight")
@@ -190,15 +222,25 @@ def test_text_over_max_text_bytes_fails_alone_and_a_50_mb_text_is_refused(start_
 
     s = start_server("--backbone", "minilm", "--no-warmup")
     cap = 64 * 1024
-    too_long = {"ascii": "word " * 20_000, "multi-byte": "\u20ac" * 30_000}  # 100,000 and 90,000 bytes; the latter 30,000 characters
+    too_long = {
+        "ascii": "word " * 20_000,
+        "multi-byte": "\u20ac" * 30_000,
+    }  # 100,000 and 90,000 bytes; the latter 30,000 characters
     with grpc.insecure_channel(s.target, options=BIG_CHANNEL) as channel:
         stub = pb_grpc.FeatureBankStub(channel)
         for case, text in too_long.items():
             assert len(text.encode()) > cap
-            r = stub.Extract(pb.ExtractRequest(backbone="minilm", inputs=[pb.Input(text="a short sentence"), pb.Input(text=text),
-                                                                          pb.Input(text="another one")]), timeout=120).results
+            r = stub.Extract(
+                pb.ExtractRequest(
+                    backbone="minilm",
+                    inputs=[pb.Input(text="a short sentence"), pb.Input(text=text), pb.Input(text="another one")],
+                ),
+                timeout=120,
+            ).results
             assert r[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], case
-            assert f"{len(text.encode())} bytes" in r[1].error.message and f"max_text_bytes={cap}" in r[1].error.message, r[1].error
+            assert (
+                f"{len(text.encode())} bytes" in r[1].error.message and f"max_text_bytes={cap}" in r[1].error.message
+            ), r[1].error
             assert [list(x.features.shape) for x in (r[0], r[2])] == [[384], [384]], case
         with pytest.raises(grpc.RpcError) as e:
             stub.Extract(pb.ExtractRequest(backbone="minilm", inputs=[pb.Input(text="x" * BIG_BYTES)]), timeout=120)

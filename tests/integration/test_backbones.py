@@ -19,8 +19,13 @@ REFERENCE_PNGS = ("chelsea", "coffee", "astronaut", "rocket")
 @pytest.fixture(scope="module")
 def server(shared_redis, tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("weights-cache")
-    s = ServerProcess("--backbone", "efficientnet_lite0,minilm", "--redis-url", shared_redis.url,
-                      env={"FEATUREBANK_CACHE_DIR": str(cache_dir)}).start(timeout_s=600)
+    s = ServerProcess(
+        "--backbone",
+        "efficientnet_lite0,minilm",
+        "--redis-url",
+        shared_redis.url,
+        env={"FEATUREBANK_CACHE_DIR": str(cache_dir)},
+    ).start(timeout_s=600)
     yield s
     assert s.terminate() == 0
 
@@ -91,7 +96,9 @@ def test_minilm_long_text_is_truncated_and_empty_text_is_an_item_error(bank):
 def test_minilm_layers(bank):
     """mean_pooled, cls and an earlier layer are 384-d, differ, and are cached separately."""
     text = ["layers are chosen per request"]
-    feats = {l: bank.extract_items(text, backbone="minilm", layer=l)[0] for l in ("mean_pooled", "cls", "layer3_mean_pooled")}
+    feats = {
+        l: bank.extract_items(text, backbone="minilm", layer=l)[0] for l in ("mean_pooled", "cls", "layer3_mean_pooled")
+    }
     assert all(o.features.shape == (384,) for o in feats.values())
     assert not np.allclose(feats["mean_pooled"].features, feats["cls"].features)
     assert not np.allclose(feats["mean_pooled"].features, feats["layer3_mean_pooled"].features)

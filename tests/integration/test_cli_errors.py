@@ -100,8 +100,19 @@ def test_busy_port_is_one_line_naming_port_and_flag(files, flag):
         taken.listen(1)
         port = taken.getsockname()[1]
         ports = {"--port": "0", "--metrics-port": "0", flag: str(port)}
-        r = _run("serve", "--backbone", "toy", "--host", "127.0.0.1", "--port", ports["--port"],
-                 "--metrics-port", ports["--metrics-port"], cwd=files, timeout=120)
+        r = _run(
+            "serve",
+            "--backbone",
+            "toy",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            ports["--port"],
+            "--metrics-port",
+            ports["--metrics-port"],
+            cwd=files,
+            timeout=120,
+        )
     assert r.returncode not in (0, None)
     line = _one_line(r.stderr)
     assert str(port) in line and flag in line and "in use" in line
@@ -122,12 +133,37 @@ def test_version_and_help_explain_every_option():
 
 def test_folders_expand_and_skip_errors_writes_good_rows_and_a_report(server, files):
     """A folder expands to its images; --skip-errors writes the good rows and a report of the bad inputs."""
-    r = _run("extract", "photos", "junk.png", "cat.png", "--backbone", "toy", "--out", "f.npy", "--quiet",
-             "--target", server.target, cwd=files)
+    r = _run(
+        "extract",
+        "photos",
+        "junk.png",
+        "cat.png",
+        "--backbone",
+        "toy",
+        "--out",
+        "f.npy",
+        "--quiet",
+        "--target",
+        server.target,
+        cwd=files,
+    )
     assert r.returncode == 1 and "junk.png" in r.stderr and "--skip-errors" in r.stderr
     assert not (files / "f.npy").exists()
-    r = _run("extract", "photos", "junk.png", "cat.png", "--backbone", "toy", "--out", "f.npy", "--quiet",
-             "--skip-errors", "--target", server.target, cwd=files)
+    r = _run(
+        "extract",
+        "photos",
+        "junk.png",
+        "cat.png",
+        "--backbone",
+        "toy",
+        "--out",
+        "f.npy",
+        "--quiet",
+        "--skip-errors",
+        "--target",
+        server.target,
+        cwd=files,
+    )
     assert r.returncode == 0, r.stderr
     features = np.load(files / "f.npy")
     assert features.shape == (7, 16)  # 6 images in the folder, and cat.png
@@ -139,16 +175,18 @@ def test_folders_expand_and_skip_errors_writes_good_rows_and_a_report(server, fi
 
 def test_text_file_sent_as_images_hints_at_text_flag(server, files):
     """A text file without --text fails as an image with a hint to add --text."""
-    r = _run("extract", "reviews.txt", "--backbone", "toy", "--out", "f.npy", "--quiet", "--target", server.target,
-             cwd=files)
+    r = _run(
+        "extract", "reviews.txt", "--backbone", "toy", "--out", "f.npy", "--quiet", "--target", server.target, cwd=files
+    )
     assert r.returncode == 1
     assert "reviews.txt" in r.stderr and "--text" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_train_and_put_head_are_quiet_and_say_metrics_are_training_metrics(server, files):
     """train-head on a few images prints no TensorFlow/CUDA lines and says its metrics are training metrics."""
-    r = _run("train-head", "photos", "--backbone", "toy", "--out", "h.keras", "--quiet", "--target", server.target,
-             cwd=files)
+    r = _run(
+        "train-head", "photos", "--backbone", "toy", "--out", "h.keras", "--quiet", "--target", server.target, cwd=files
+    )
     assert r.returncode == 0, r.stderr
     noise = [line for line in r.stderr.splitlines() if any(w in line for w in ("cuda", "cuInit", "absl", "oneDNN"))]
     assert noise == []

@@ -6,10 +6,10 @@ import logging
 
 import grpc
 import numpy as np
+from malicious_images import animated_gif, ico_bomb, tiff_bytes
 
 from featurebank.client import FeatureBank
 from fixture_backbones import ALLOC_MARKER
-from malicious_images import animated_gif, ico_bomb, tiff_bytes
 from support import png_bytes, random_images
 
 logger = logging.getLogger(__name__)

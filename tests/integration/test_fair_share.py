@@ -28,16 +28,29 @@ def test_a_flooding_tenant_cannot_starve_another(start_server, tmp_path):
     """A tenant streaming far more than the queue holds gets at most its share of it, throttled
     rather than failed; another tenant's request meanwhile gets features, not RESOURCE_EXHAUSTED;
     a single request larger than the flooder's share is refused for that tenant alone."""
-    (tmp_path / "tokens.json").write_text(json.dumps({"tenants": {
-        "flood": {"tokens": [TOKEN_FLOOD]}, "other": {"tokens": [TOKEN_OTHER]}}}))
-    server = start_server("--backbone", FAULTY, "--tokens-file", str(tmp_path / "tokens.json"),
-                          "--max-batch-size", "1", "--pipeline-depth", "1", "--max-queue-size", "64",
-                          "--max-batch-delay-ms", "1", env={"FB_TEST_FORWARD_DELAY_MS": "100"})
+    (tmp_path / "tokens.json").write_text(
+        json.dumps({"tenants": {"flood": {"tokens": [TOKEN_FLOOD]}, "other": {"tokens": [TOKEN_OTHER]}}})
+    )
+    server = start_server(
+        "--backbone",
+        FAULTY,
+        "--tokens-file",
+        str(tmp_path / "tokens.json"),
+        "--max-batch-size",
+        "1",
+        "--pipeline-depth",
+        "1",
+        "--max-queue-size",
+        "64",
+        "--max-batch-delay-ms",
+        "1",
+        env={"FB_TEST_FORWARD_DELAY_MS": "100"},
+    )
     flood = random_images(160, seed=2001, size=(8, 8))
     mine = random_images(8, seed=2002, size=(8, 8))
     with grpc.insecure_channel(server.target) as ch, concurrent.futures.ThreadPoolExecutor(1) as ex:
         stub = pb_grpc.FeatureBankStub(ch)
-        messages = [_request(flood[i:i + 16], pb.BYPASS) for i in range(0, len(flood), 16)]
+        messages = [_request(flood[i : i + 16], pb.BYPASS) for i in range(0, len(flood), 16)]
         stream = stub.ExtractStream(iter(messages), metadata=_auth(TOKEN_FLOOD), timeout=120)
         flooding = ex.submit(list, stream)
         try:
@@ -45,7 +58,9 @@ def test_a_flooding_tenant_cannot_starve_another(start_server, tmp_path):
             answer = stub.Extract(_request(mine), metadata=_auth(TOKEN_OTHER), timeout=60)
             assert all(r.HasField("features") for r in answer.results)
             try:
-                stub.Extract(_request(random_images(40, seed=2003, size=(8, 8))), metadata=_auth(TOKEN_FLOOD), timeout=60)
+                stub.Extract(
+                    _request(random_images(40, seed=2003, size=(8, 8))), metadata=_auth(TOKEN_FLOOD), timeout=60
+                )
                 code = grpc.StatusCode.OK
             except grpc.RpcError as e:
                 code, message = e.code(), e.details()

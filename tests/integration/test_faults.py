@@ -14,7 +14,7 @@ import pytest
 
 from featurebank.client import FeatureBank, FeatureBankError
 from fixture_backbones import KILL_MARKER
-from support import ServerProcess, random_images, wait_until
+from support import random_images, wait_until
 
 FAULTY = "fixture_backbones:FaultyToy"
 
@@ -71,6 +71,7 @@ def test_redis_outage_fails_no_request_and_caching_resumes(redis_server, start_s
         back = time.monotonic()
         probe = random_images(1, seed=12)[0]
         with FeatureBank(server.target, timeout_s=30) as bank:
+
             def cached_again():
                 bank.extract([probe], backbone="toy")
                 return bank.extract_items([probe], backbone="toy")[0].cache_hit
@@ -89,8 +90,7 @@ def test_redis_outage_fails_no_request_and_caching_resumes(redis_server, start_s
 @pytest.mark.slow
 def test_killed_worker_mid_batch_loses_no_request(start_server):
     """SIGKILL of a worker mid-batch: every request of the batch still succeeds, the restart is counted."""
-    server = start_server("--backbone", FAULTY, "--max-batch-delay-ms", "50",
-                          env={"FB_TEST_FORWARD_DELAY_MS": "1500"})
+    server = start_server("--backbone", FAULTY, "--max-batch-delay-ms", "50", env={"FB_TEST_FORWARD_DELAY_MS": "1500"})
     images = random_images(6, seed=20)
     (worker,) = server.worker_pids()
     with FeatureBank(server.target, timeout_s=120) as bank, concurrent.futures.ThreadPoolExecutor(6) as ex:
@@ -123,8 +123,17 @@ def test_an_input_that_kills_workers_fails_alone(start_server):
 def test_only_the_batch_being_computed_is_blamed_for_a_crash(start_server):
     """Two batches in flight: a crash blames the one the worker was computing, not the one queued
     behind it, so innocent items never run out of tries while a poisonous one is isolated."""
-    server = start_server("--backbone", FAULTY, "--max-batch-size", "2", "--pipeline-depth", "2",
-                          "--max-batch-delay-ms", "20", env={"FB_TEST_FORWARD_DELAY_MS": "200"})
+    server = start_server(
+        "--backbone",
+        FAULTY,
+        "--max-batch-size",
+        "2",
+        "--pipeline-depth",
+        "2",
+        "--max-batch-delay-ms",
+        "20",
+        env={"FB_TEST_FORWARD_DELAY_MS": "200"},
+    )
     good = random_images(7, seed=31)
     with FeatureBank(server.target, timeout_s=180) as bank:
         outcomes = bank.extract_items([KILL_MARKER + b"poison", *good], backbone=FAULTY)
@@ -136,8 +145,9 @@ def test_only_the_batch_being_computed_is_blamed_for_a_crash(start_server):
 
 def test_full_queue_answers_resource_exhausted(start_server):
     """Beyond max_queue_size, requests fail fast with RESOURCE_EXHAUSTED; the server keeps serving."""
-    server = start_server("--backbone", FAULTY, "--max-batch-size", "2", "--max-queue-size", "4",
-                          env={"FB_TEST_FORWARD_DELAY_MS": "300"})
+    server = start_server(
+        "--backbone", FAULTY, "--max-batch-size", "2", "--max-queue-size", "4", env={"FB_TEST_FORWARD_DELAY_MS": "300"}
+    )
     with FeatureBank(server.target, timeout_s=60) as bank, concurrent.futures.ThreadPoolExecutor(8) as ex:
         futures = [ex.submit(bank.extract, random_images(3, seed=40 + i), backbone=FAULTY) for i in range(8)]
         codes = []
@@ -238,8 +248,9 @@ def _rss_mib(pid: int) -> float:
 
 def test_overload_is_refused_fast_memory_stays_bounded_and_throughput_recovers(start_server):
     """A flood far above the sustainable rate gets fast RESOURCE_EXHAUSTED, bounded RSS, and full service after."""
-    server = start_server("--backbone", FAULTY, "--max-batch-size", "8", "--max-queue-size", "32",
-                          env={"FB_TEST_FORWARD_DELAY_MS": "100"})  # sustainable: ~80 items/s
+    server = start_server(
+        "--backbone", FAULTY, "--max-batch-size", "8", "--max-queue-size", "32", env={"FB_TEST_FORWARD_DELAY_MS": "100"}
+    )  # sustainable: ~80 items/s
     images = random_images(64, seed=80)
     with FeatureBank(server.target, timeout_s=30) as bank:
         bank.extract(images[:8], backbone=FAULTY, cache_policy=1)
@@ -287,15 +298,24 @@ def test_cancelled_requests_are_not_computed_and_do_not_delay_others(start_serve
     from featurebank.v1 import featurebank_pb2 as pb
     from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 
-    server = start_server("--backbone", FAULTY, "--max-batch-size", "1", "--pipeline-depth", str(depth),
-                          env={"FB_TEST_FORWARD_DELAY_MS": "400"})
+    server = start_server(
+        "--backbone",
+        FAULTY,
+        "--max-batch-size",
+        "1",
+        "--pipeline-depth",
+        str(depth),
+        env={"FB_TEST_FORWARD_DELAY_MS": "400"},
+    )
     images = random_images(8, seed=90)
     with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.FeatureBankStub(ch)
         busy = stub.Extract.future(pb.ExtractRequest(backbone=FAULTY, inputs=[pb.Input(image=images[0])]), timeout=30)
         wait_until(lambda: server.metric("featurebank_batch_size_count") >= 1, 20, "the first batch to start")
-        cancelled = [stub.Extract.future(pb.ExtractRequest(backbone=FAULTY, inputs=[pb.Input(image=img)]), timeout=30)
-                     for img in images[1:6]]
+        cancelled = [
+            stub.Extract.future(pb.ExtractRequest(backbone=FAULTY, inputs=[pb.Input(image=img)]), timeout=30)
+            for img in images[1:6]
+        ]
         wait_until(lambda: server.metric("featurebank_queue_depth") >= 5 - (depth - 1), 10, "the items to queue")
         for f in cancelled:
             f.cancel()
@@ -304,8 +324,9 @@ def test_cancelled_requests_are_not_computed_and_do_not_delay_others(start_serve
         waited = time.perf_counter() - t0
         assert busy.result().results[0].HasField("features") and last.results[0].HasField("features")
     ahead = depth - 1  # batches already sent to the worker when the RPCs were cancelled
-    wait_until(lambda: server.metric("featurebank_dropped_items_total", reason="cancelled") >= 5 - ahead, 10,
-               "drops counted")
+    wait_until(
+        lambda: server.metric("featurebank_dropped_items_total", reason="cancelled") >= 5 - ahead, 10, "drops counted"
+    )
     assert server.metric("featurebank_dropped_items_total", reason="cancelled") == 5 - ahead
     assert server.metric("featurebank_batch_size_count") == 2 + ahead  # the busy one, those sent ahead, the last
     assert waited < (2 + ahead) * 0.4 + 0.8  # not behind five more 400 ms batches (>= 2.4 s)

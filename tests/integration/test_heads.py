@@ -151,13 +151,33 @@ def test_cli_train_head_put_and_predict(server, tmp_path):
         p.write_bytes(img)
         paths.append(str(p))
     cli = [sys.executable, "-m", "featurebank.client.cli"]
-    train = subprocess.run([*cli, "train-head", str(tmp_path / "data"), "--backbone", "toy", "--out", str(tmp_path / "h.keras"),
-                            "--epochs", "30", "--put", "cli-head", "--target", server.target, "--quiet"],
-                           capture_output=True, text=True)
+    train = subprocess.run(
+        [
+            *cli,
+            "train-head",
+            str(tmp_path / "data"),
+            "--backbone",
+            "toy",
+            "--out",
+            str(tmp_path / "h.keras"),
+            "--epochs",
+            "30",
+            "--put",
+            "cli-head",
+            "--target",
+            server.target,
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert train.returncode == 0, train.stderr
     assert "accuracy" in train.stdout and "serving as cli-head v1" in train.stdout
-    predict = subprocess.run([*cli, "predict", "--head", "cli-head", paths[0], paths[-1], "--target", server.target],
-                             capture_output=True, text=True)
+    predict = subprocess.run(
+        [*cli, "predict", "--head", "cli-head", paths[0], paths[-1], "--target", server.target],
+        capture_output=True,
+        text=True,
+    )
     assert predict.returncode == 0, predict.stderr
     rows = [line.split("\t") for line in predict.stdout.splitlines()]
     assert [r[1] for r in rows] == [labels[0], labels[-1]]

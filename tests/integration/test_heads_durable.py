@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from head_protos import Stub, dense_head
 
 from featurebank.v1 import featurebank_pb2 as pb
-from head_protos import Stub, dense_head
 from support import RedisProcess, random_images
 
 
@@ -31,8 +31,16 @@ def test_heads_survive_a_cache_filled_past_maxmemory(start_server, lru_cache_red
     """With --heads-redis-url, extracts filling the allkeys-lru cache Redis past maxmemory evict cache entries and heads kept the
     old way (no-TTL hashes in the cache Redis), but every head in the heads Redis is intact and still predicts."""
     cache = lru_cache_redis.client()
-    server = start_server("--backbone", "toy", "--redis-url", lru_cache_redis.url, "--heads-redis-url", heads_redis.url,
-                          "--max-batch-delay-ms", "1")
+    server = start_server(
+        "--backbone",
+        "toy",
+        "--redis-url",
+        lru_cache_redis.url,
+        "--heads-redis-url",
+        heads_redis.url,
+        "--max-batch-delay-ms",
+        "1",
+    )
     stub = Stub(server.target)
     try:
         fingerprint = stub.fingerprint()
@@ -55,7 +63,10 @@ def test_heads_survive_a_cache_filled_past_maxmemory(start_server, lru_cache_red
         assert listed == {(f"kept-{i}", 1) for i in range(5)}
         image = [pb.Input(image=random_images(1, seed=5)[0])]
         for i in range(5):
-            assert len(stub.Predict(pb.PredictRequest(head=f"kept-{i}", inputs=image)).predictions[0].probabilities.data) == 8
+            assert (
+                len(stub.Predict(pb.PredictRequest(head=f"kept-{i}", inputs=image)).predictions[0].probabilities.data)
+                == 8
+            )
         assert heads_redis.client().info("stats")["evicted_keys"] == 0
     finally:
         stub.close()
@@ -73,7 +84,9 @@ def test_a_heads_redis_that_evicts_is_refused_at_start(start_server, lru_cache_r
 
 def test_a_heads_redis_refusing_config_is_used_with_a_warning(start_server, tmp_path):
     """A heads Redis whose ACL refuses CONFIG (as managed Redis often does) is used; the log says what to check by hand."""
-    limited = RedisProcess(extra_args=("--user", "limited", "on", ">secret-password", "~*", "&*", "+@all", "-config")).start()
+    limited = RedisProcess(
+        extra_args=("--user", "limited", "on", ">secret-password", "~*", "&*", "+@all", "-config")
+    ).start()
     try:
         url = f"redis://limited:secret-password@127.0.0.1:{limited.port}/0"
         server = start_server("--backbone", "toy", "--heads-redis-url", url)

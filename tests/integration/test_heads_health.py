@@ -7,9 +7,9 @@ import threading
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from head_protos import Stub, dense_head
 
 from featurebank.v1 import featurebank_pb2 as pb
-from head_protos import Stub, dense_head
 from support import ServerProcess, random_images
 
 # Two wide GELU layers: ~2.2 M parameters, 8,448 erf evaluations per input (35 M for 4,096 inputs).
@@ -21,9 +21,18 @@ HEALTH_TIMEOUT_S = 2.0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = ServerProcess("--backbone", "toy", "--max-head-parameters", str(WIDE_PARAMETERS), "--max-head-width", "4096",
-                      "--max-message-bytes", str(64 * 1024 * 1024),  # the head and 4,096 images in one call
-                      "--heads-dir", str(tmp_path_factory.mktemp("heads"))).start()
+    s = ServerProcess(
+        "--backbone",
+        "toy",
+        "--max-head-parameters",
+        str(WIDE_PARAMETERS),
+        "--max-head-width",
+        "4096",
+        "--max-message-bytes",
+        str(64 * 1024 * 1024),  # the head and 4,096 images in one call
+        "--heads-dir",
+        str(tmp_path_factory.mktemp("heads")),
+    ).start()
     yield s
     assert s.terminate() == 0
 
@@ -35,8 +44,16 @@ def test_health_answers_while_a_large_predict_runs(server):
     channel = grpc.insecure_channel(server.target)
     health = health_pb2_grpc.HealthStub(channel)
     try:
-        assert stub.PutHead(pb.PutHeadRequest(head=dense_head("wide", stub.fingerprint(), widths=WIDE, activations=(
-            "gelu", "linear", "gelu", "softmax")))).version == 1
+        assert (
+            stub.PutHead(
+                pb.PutHeadRequest(
+                    head=dense_head(
+                        "wide", stub.fingerprint(), widths=WIDE, activations=("gelu", "linear", "gelu", "softmax")
+                    )
+                )
+            ).version
+            == 1
+        )
         image = pb.Input(image=random_images(1, seed=40)[0])
         stub.Predict(pb.PredictRequest(head="wide", inputs=[image]))  # compiles the head, caches the features
 
@@ -48,7 +65,8 @@ def test_health_answers_while_a_large_predict_runs(server):
                 during = started.is_set()
                 try:
                     status = health_pb2.HealthCheckResponse.ServingStatus.Name(
-                        health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S).status)
+                        health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S).status
+                    )
                 except grpc.RpcError as e:
                     status = e.code().name
                 answers.append((during, done.is_set(), status))
@@ -77,8 +95,10 @@ def test_heads_over_the_limits_are_refused_at_put(server):
     stub = Stub(server.target)
     try:
         fingerprint = stub.fingerprint()
-        for head, flag in ((dense_head("too-wide", fingerprint, widths=(16, 4097, 2)), "--max-head-width"),
-                           (dense_head("too-big", fingerprint, widths=(16, 4096, 256, 4096, 3)), "--max-head-parameters")):
+        for head, flag in (
+            (dense_head("too-wide", fingerprint, widths=(16, 4097, 2)), "--max-head-width"),
+            (dense_head("too-big", fingerprint, widths=(16, 4096, 256, 4096, 3)), "--max-head-parameters"),
+        ):
             with pytest.raises(grpc.RpcError) as e:
                 stub.PutHead(pb.PutHeadRequest(head=head))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and flag in e.value.details()

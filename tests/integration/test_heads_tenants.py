@@ -8,9 +8,9 @@ import json
 import grpc
 import numpy as np
 import pytest
+from head_protos import Stub, dense_head
 
 from featurebank.v1 import featurebank_pb2 as pb
-from head_protos import Stub, dense_head
 from support import ServerProcess, random_images
 
 TOKEN_A = "tenant-a-token-0123456789"
@@ -22,12 +22,20 @@ TOKEN_C = "tenant-c-token-0123456789"
 def server(tmp_path_factory, shared_redis):
     """Tenants a (no heads list), b (an empty one) and c (own heads c-*, and a's shared-* heads to run)."""
     d = tmp_path_factory.mktemp("tenants")
-    (d / "tokens.json").write_text(json.dumps({"tenants": {
-        "a": {"tokens": [TOKEN_A]},
-        "b": {"tokens": [TOKEN_B], "heads": []},
-        "c": {"tokens": [TOKEN_C], "heads": ["c-*", "a/shared-*"]},
-    }}))
-    s = ServerProcess("--backbone", "toy", "--redis-url", shared_redis.url, "--tokens-file", str(d / "tokens.json")).start()
+    (d / "tokens.json").write_text(
+        json.dumps(
+            {
+                "tenants": {
+                    "a": {"tokens": [TOKEN_A]},
+                    "b": {"tokens": [TOKEN_B], "heads": []},
+                    "c": {"tokens": [TOKEN_C], "heads": ["c-*", "a/shared-*"]},
+                }
+            }
+        )
+    )
+    s = ServerProcess(
+        "--backbone", "toy", "--redis-url", shared_redis.url, "--tokens-file", str(d / "tokens.json")
+    ).start()
     yield s
     assert s.terminate() == 0
 
@@ -62,8 +70,10 @@ def test_another_tenant_cannot_list_delete_or_replace_a_head(stubs):
     assert "clf" not in {h.name for h in b.ListHeads(pb.ListHeadsRequest()).heads}
     assert list(b.ListHeads(pb.ListHeadsRequest(name="clf")).heads) == []
     assert _code(lambda: b.DeleteHead(pb.DeleteHeadRequest(name="clf"))) == grpc.StatusCode.NOT_FOUND
-    assert _code(lambda: b.Predict(pb.PredictRequest(head="clf", inputs=[pb.Input(image=images[0])]))) == \
-        grpc.StatusCode.NOT_FOUND
+    assert (
+        _code(lambda: b.Predict(pb.PredictRequest(head="clf", inputs=[pb.Input(image=images[0])])))
+        == grpc.StatusCode.NOT_FOUND
+    )
     assert b.PutHead(pb.PutHeadRequest(head=dense_head("clf", fingerprint, seed=2))).version == 1  # b's first clf
 
     assert [(h.name, h.version) for h in a.ListHeads(pb.ListHeadsRequest(name="clf")).heads] == [("clf", 1)]
@@ -84,10 +94,18 @@ def test_concurrent_puts_get_distinct_write_once_versions(stubs):
     images = random_images(2, seed=32)
     for seed, version in zip(range(100, 120), versions):  # each version is the head its caller sent
         expected = dense_head("racy", fingerprint, seed=seed)
-        response = a.Predict(pb.PredictRequest(head="racy", version=version, inputs=[pb.Input(image=i) for i in images]))
+        response = a.Predict(
+            pb.PredictRequest(head="racy", version=version, inputs=[pb.Input(image=i) for i in images])
+        )
         assert response.version == version
-        features = np.stack([np.frombuffer(r.features.data, np.float32) for r in a.Extract(pb.ExtractRequest(
-            backbone="toy", inputs=[pb.Input(image=i) for i in images])).results])
+        features = np.stack(
+            [
+                np.frombuffer(r.features.data, np.float32)
+                for r in a.Extract(
+                    pb.ExtractRequest(backbone="toy", inputs=[pb.Input(image=i) for i in images])
+                ).results
+            ]
+        )
         kernel = np.frombuffer(expected.layers[0].kernel.data, np.float32).reshape(16, 2)
         logits = features @ kernel + np.frombuffer(expected.layers[0].bias.data, np.float32)
         want = np.exp(logits - logits.max(1, keepdims=True))
@@ -98,8 +116,10 @@ def test_concurrent_puts_get_distinct_write_once_versions(stubs):
     taken = dense_head("racy", fingerprint, seed=0, version=7)
     assert _code(lambda: a.PutHead(pb.PutHeadRequest(head=taken))) == grpc.StatusCode.ALREADY_EXISTS
     assert a.DeleteHead(pb.DeleteHeadRequest(name="racy", version=20)).deleted == 1
-    assert _code(lambda: a.PutHead(pb.PutHeadRequest(head=dense_head("racy", fingerprint, version=20)))) == \
-        grpc.StatusCode.ALREADY_EXISTS  # a deleted version is never reused either
+    assert (
+        _code(lambda: a.PutHead(pb.PutHeadRequest(head=dense_head("racy", fingerprint, version=20))))
+        == grpc.StatusCode.ALREADY_EXISTS
+    )  # a deleted version is never reused either
     assert a.PutHead(pb.PutHeadRequest(head=dense_head("racy", fingerprint))).version == 21
 
 
@@ -107,7 +127,9 @@ def test_list_heads_validates_the_name_and_never_scans_the_keyspace(stubs, share
     """ListHeads refuses a malformed name with INVALID_ARGUMENT, and listing every head costs no SCAN or KEYS of Redis."""
     a = stubs["a"]
     for bad in ("bad name!", "../etc", "x" * 65, "a/b/c"):
-        assert _code(lambda bad=bad: a.ListHeads(pb.ListHeadsRequest(name=bad))) == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert _code(lambda bad=bad: a.ListHeads(pb.ListHeadsRequest(name=bad))) == grpc.StatusCode.INVALID_ARGUMENT, (
+            bad
+        )
     redis = shared_redis.client()
     for i in range(50):  # other keys in the same Redis must cost a listing nothing
         redis.set(f"unrelated:{i}", b"x")
@@ -128,8 +150,10 @@ def test_a_grant_lets_a_tenant_run_but_never_change_another_tenants_heads(stubs)
     a.PutHead(pb.PutHeadRequest(head=dense_head("private", fingerprint, seed=6)))
 
     assert c.Predict(pb.PredictRequest(head="a/shared-model", inputs=image)).head == "a/shared-model"
-    np.testing.assert_array_equal(_probabilities(c, "a/shared-model", random_images(2, seed=34)),
-                                  _probabilities(a, "shared-model", random_images(2, seed=34)))
+    np.testing.assert_array_equal(
+        _probabilities(c, "a/shared-model", random_images(2, seed=34)),
+        _probabilities(a, "shared-model", random_images(2, seed=34)),
+    )
     assert [h.name for h in c.ListHeads(pb.ListHeadsRequest(name="a/shared-model")).heads] == ["a/shared-model"]
     denied = grpc.StatusCode.PERMISSION_DENIED
     assert _code(lambda: c.Predict(pb.PredictRequest(head="a/private", inputs=image))) == denied

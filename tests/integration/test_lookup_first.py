@@ -13,8 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from featurebank.client import FLOAT16, FeatureBankError
-from featurebank.client import planning
+from featurebank.client import FLOAT16, FeatureBankError, planning
 from featurebank.client.sdk import AsyncFeatureBank
 from featurebank.v1 import featurebank_pb2 as pb
 from support import random_images
@@ -29,13 +28,15 @@ class Traffic:
 
     def _read(self) -> dict[str, float]:
         m = self.server.metric
-        return {"Extract": m("featurebank_requests_total", method="Extract"),
-                "Lookup": m("featurebank_requests_total", method="Lookup"),
-                "items": m("featurebank_items_total", backbone="toy"),
-                "hit": m("featurebank_items_total", backbone="toy", result="hit"),
-                "miss": m("featurebank_items_total", backbone="toy", result="miss"),
-                "error": m("featurebank_items_total", backbone="toy", result="error"),
-                "not_found": m("featurebank_lookup_not_found_total", backbone="toy")}
+        return {
+            "Extract": m("featurebank_requests_total", method="Extract"),
+            "Lookup": m("featurebank_requests_total", method="Lookup"),
+            "items": m("featurebank_items_total", backbone="toy"),
+            "hit": m("featurebank_items_total", backbone="toy", result="hit"),
+            "miss": m("featurebank_items_total", backbone="toy", result="miss"),
+            "error": m("featurebank_items_total", backbone="toy", result="error"),
+            "not_found": m("featurebank_lookup_not_found_total", backbone="toy"),
+        }
 
     def since(self) -> dict[str, float]:
         now = self._read()
@@ -76,9 +77,10 @@ def test_only_misses_and_bad_inputs_go_to_extract_in_input_order(server, bank):
     # Lookup found the 3 distinct cached keys and not new[0], new[1], b"junk" (the empty input has
     # no key); Extract saw only new[0] (twice), b"junk", the empty input and new[1].
     assert traffic.since() == {"Extract": 1, "Lookup": 1, "items": 8, "hit": 3, "miss": 3, "error": 2, "not_found": 3}
-    np.testing.assert_array_equal(np.stack([o.features for o in outcomes if o.cache_hit]),
-                                  bank.extract([cached[0], cached[1], cached[2], cached[0]], backbone="toy",
-                                               lookup_first=False))
+    np.testing.assert_array_equal(
+        np.stack([o.features for o in outcomes if o.cache_hit]),
+        bank.extract([cached[0], cached[1], cached[2], cached[0]], backbone="toy", lookup_first=False),
+    )
 
 
 def test_lookup_first_false_sends_everything(server, bank):

@@ -48,9 +48,15 @@ async def test_poison_is_counted_per_key_and_per_tenant():
     await pool.wait_ready()
     loop = asyncio.get_running_loop()
     try:
+
         def item(tenant: str) -> PendingItem:
-            return PendingItem(InputItem("image", KILL_MARKER + b"tenant-poison"), "pooled", loop.create_future(),
-                               key="fb1:poison", tenant=tenant)
+            return PendingItem(
+                InputItem("image", KILL_MARKER + b"tenant-poison"),
+                "pooled",
+                loop.create_future(),
+                key="fb1:poison",
+                tenant=tenant,
+            )
 
         from_a = item("a")
         batcher.submit(from_a)

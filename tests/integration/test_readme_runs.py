@@ -74,8 +74,11 @@ def _localise(code: str, server: ServerProcess) -> str:
 def run_snippet(lang: str, code: str, server: ServerProcess, workdir: pathlib.Path) -> subprocess.CompletedProcess:
     path = workdir / f"snippet.{'py' if lang == 'python' else 'sh'}"
     path.write_text(_localise(code, server))
-    env = {**os.environ, "FEATUREBANK_TARGET": server.target,
-           "PATH": os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env = {
+        **os.environ,
+        "FEATUREBANK_TARGET": server.target,
+        "PATH": os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
     command = [sys.executable, str(path)] if lang == "python" else ["bash", "-eo", "pipefail", str(path)]
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
 
@@ -84,7 +87,9 @@ def test_readme_has_runnable_examples():
     """The README's SDK, heads and CLI examples are all found by the extractor (none silently skipped)."""
     langs = [lang for lang, _, _ in SNIPPETS]
     assert langs.count("python") >= 2 and langs.count("bash") >= 2
-    assert any("fit_head" in code for _, _, code in SNIPPETS) and any("featurebank extract" in c for _, _, c in SNIPPETS)
+    assert any("fit_head" in code for _, _, code in SNIPPETS) and any(
+        "featurebank extract" in c for _, _, c in SNIPPETS
+    )
 
 
 @pytest.mark.parametrize("lang,line,code", SNIPPETS, ids=[f"README.md:{line}" for _, line, _ in SNIPPETS])

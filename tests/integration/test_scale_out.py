@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import numpy as np
 import pytest
@@ -18,9 +17,20 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def redis_cluster():
     """Three valkey/redis-server processes joined into one cluster covering all 16384 slots."""
-    nodes = [RedisProcess(free_cluster_port(), extra_args=("--cluster-enabled", "yes", "--cluster-config-file",
-                                                           "nodes.conf", "--cluster-node-timeout", "2000"))
-             for _ in range(3)]
+    nodes = [
+        RedisProcess(
+            free_cluster_port(),
+            extra_args=(
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ),
+        )
+        for _ in range(3)
+    ]
     for n in nodes:
         n.start()
     try:
@@ -30,6 +40,7 @@ def redis_cluster():
         bounds = [0, 5461, 10923, 16384]
         for n, lo, hi in zip(nodes, bounds, bounds[1:]):
             n.client().execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi - 1)
+
         def cluster_ok():
             return all(n.client().cluster("info").get("cluster_state") == "ok" for n in nodes)
 
@@ -45,17 +56,21 @@ def _extract_everywhere(servers, images, clients_per_server=2):
         futures = []
         for s in servers:
             for _ in range(clients_per_server):
+
                 def call(target=s.target):
                     with FeatureBank(target, timeout_s=120) as bank:
                         return bank.extract(images, backbone="toy")
+
                 futures.append(ex.submit(call))
         return [f.result() for f in futures]
 
 
 def test_three_replicas_compute_each_input_once(redis_server):
     """The same new inputs sent to three replicas at once are computed once in total (Redis claims)."""
-    servers = [ServerProcess("--backbone", "toy", "--redis-url", redis_server.url, "--max-batch-delay-ms", "20").spawn()
-               for _ in range(3)]
+    servers = [
+        ServerProcess("--backbone", "toy", "--redis-url", redis_server.url, "--max-batch-delay-ms", "20").spawn()
+        for _ in range(3)
+    ]
     try:
         for s in servers:
             s.wait_ready()

@@ -58,7 +58,13 @@ def test_put_head_and_list_heads_return_head_info(bank, head_and_images):
     head, _ = head_and_images
     info = bank.put_head(head, "infos")
     assert isinstance(info, HeadInfo)
-    assert (info.name, info.kind, info.backbone, info.layer, info.input_dim) == ("infos", "logistic", "toy", "pooled", 16)
+    assert (info.name, info.kind, info.backbone, info.layer, info.input_dim) == (
+        "infos",
+        "logistic",
+        "toy",
+        "pooled",
+        16,
+    )
     assert info.class_names == ["even", "odd"] and info.fingerprint == head.fingerprint
     assert isinstance(info.metrics, dict) and "train_examples" in info.metrics
     again = bank.put_head(head, "infos")

@@ -28,17 +28,28 @@ def _make_pki(d):
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def cert(name, key, issuer_name, issuer_key, ca=False, san=None):
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-             .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if san:
             b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return b.sign(issuer_key, hashes.SHA256())
 
     def write(path, obj):
-        data = obj.public_bytes(serialization.Encoding.PEM) if hasattr(obj, "public_bytes") and not hasattr(obj, "private_bytes") else \
-            obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        data = (
+            obj.public_bytes(serialization.Encoding.PEM)
+            if hasattr(obj, "public_bytes") and not hasattr(obj, "private_bytes")
+            else obj.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         path.write_bytes(data)
         return str(path)
 
@@ -46,13 +57,20 @@ def _make_pki(d):
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "featurebank test CA")])
     ca = cert("featurebank test CA", ca_key, ca_name, ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server = cert("localhost", server_key, ca_name, ca_key,
-                  san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server = cert(
+        "localhost",
+        server_key,
+        ca_name,
+        ca_key,
+        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
     client_key = ec.generate_private_key(ec.SECP256R1())
     client = cert("a client", client_key, ca_name, ca_key)
     return {
-        "ca": write(d / "ca.pem", ca), "server_cert": write(d / "server.pem", server),
-        "server_key": write(d / "server.key", server_key), "client_cert": write(d / "client.pem", client),
+        "ca": write(d / "ca.pem", ca),
+        "server_cert": write(d / "server.pem", server),
+        "server_key": write(d / "server.key", server_key),
+        "client_cert": write(d / "client.pem", client),
         "client_key": write(d / "client.key", client_key),
     }
 
@@ -70,17 +88,34 @@ TOKEN_C = "tenant-c-token-0123456789"
 def tenants_server(tmp_path_factory, shared_redis):
     """Tenants a (everything), b (toy, heads b-*), c (the shared-pool backbone only)."""
     d = tmp_path_factory.mktemp("tenants")
-    (d / "tokens.json").write_text(json.dumps({"tenants": {
-        "a": {"tokens": [TOKEN_A], "secret": "secret-of-a"},
-        "b": {"tokens": [TOKEN_B], "secret": "secret-of-b", "backbones": ["toy"], "heads": ["b-*"]},
-        "c": {"tokens": [TOKEN_C], "backbones": ["tests_shared_toy:*"]},
-    }}))
+    (d / "tokens.json").write_text(
+        json.dumps(
+            {
+                "tenants": {
+                    "a": {"tokens": [TOKEN_A], "secret": "secret-of-a"},
+                    "b": {"tokens": [TOKEN_B], "secret": "secret-of-b", "backbones": ["toy"], "heads": ["b-*"]},
+                    "c": {"tokens": [TOKEN_C], "backbones": ["tests_shared_toy:*"]},
+                }
+            }
+        )
+    )
     # The same toy model under a second name, whose cache is one pool for every tenant.
     (d / "tests_shared_toy.py").write_text(
-        "from featurebank.workers.backbones.toy import ToyBackbone\n\n\nclass SharedToy(ToyBackbone):\n    pass\n")
-    s = ServerProcess("--backbone", "toy", "--backbone", SHARED, "--redis-url", shared_redis.url,
-                      "--tokens-file", str(d / "tokens.json"), "--shared-cache-backbones", SHARED,
-                      env={"PYTHONPATH": f"{d}:{TESTS_DIR}"}).start()
+        "from featurebank.workers.backbones.toy import ToyBackbone\n\n\nclass SharedToy(ToyBackbone):\n    pass\n"
+    )
+    s = ServerProcess(
+        "--backbone",
+        "toy",
+        "--backbone",
+        SHARED,
+        "--redis-url",
+        shared_redis.url,
+        "--tokens-file",
+        str(d / "tokens.json"),
+        "--shared-cache-backbones",
+        SHARED,
+        env={"PYTHONPATH": f"{d}:{TESTS_DIR}"},
+    ).start()
     yield s
     assert s.terminate() == 0
 
@@ -89,8 +124,16 @@ def tenants_server(tmp_path_factory, shared_redis):
 def test_tls_and_mutual_tls(pki):
     """With TLS only a client trusting the CA connects; with mTLS only a client with a certificate does."""
     tls = ServerProcess("--backbone", "toy", "--tls-cert-file", pki["server_cert"], "--tls-key-file", pki["server_key"])
-    mtls = ServerProcess("--backbone", "toy", "--tls-cert-file", pki["server_cert"], "--tls-key-file", pki["server_key"],
-                         "--tls-client-ca-file", pki["ca"])
+    mtls = ServerProcess(
+        "--backbone",
+        "toy",
+        "--tls-cert-file",
+        pki["server_cert"],
+        "--tls-key-file",
+        pki["server_key"],
+        "--tls-client-ca-file",
+        pki["ca"],
+    )
     img = random_images(1, seed=1)
     for s in (tls, mtls):
         s.spawn().wait_port()
@@ -104,8 +147,13 @@ def test_tls_and_mutual_tls(pki):
         assert e.value.code == grpc.StatusCode.UNAVAILABLE
         with FeatureBank(mtls.target, tls_ca_file=pki["ca"], timeout_s=5) as no_cert, pytest.raises(FeatureBankError):
             no_cert.extract(img, backbone="toy")
-        with FeatureBank(mtls.target, tls_ca_file=pki["ca"], tls_cert_file=pki["client_cert"],
-                         tls_key_file=pki["client_key"], timeout_s=30) as with_cert:
+        with FeatureBank(
+            mtls.target,
+            tls_ca_file=pki["ca"],
+            tls_cert_file=pki["client_cert"],
+            tls_key_file=pki["client_key"],
+            timeout_s=30,
+        ) as with_cert:
             assert with_cert.extract(img, backbone="toy").shape == (1, 16)
     finally:
         assert tls.terminate() == 0 and mtls.terminate() == 0
@@ -114,10 +162,24 @@ def test_tls_and_mutual_tls(pki):
 def test_probes_work_on_the_health_port_when_grpc_is_tls(pki):
     """With TLS on the gRPC port, the plaintext --health-port answers grpc.health.v1 (SERVING, for the server and the
     FeatureBank service) and nothing else; a server beyond loopback starts with --insecure in place of tokens."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    s = ServerProcess("--backbone", "toy", "--tls-cert-file", pki["server_cert"], "--tls-key-file", pki["server_key"],
-                      "--health-port", "0", "--host", "0.0.0.0", "--insecure").spawn().wait_port()
+    s = (
+        ServerProcess(
+            "--backbone",
+            "toy",
+            "--tls-cert-file",
+            pki["server_cert"],
+            "--tls-key-file",
+            pki["server_key"],
+            "--health-port",
+            "0",
+            "--host",
+            "0.0.0.0",
+            "--insecure",
+        )
+        .spawn()
+        .wait_port()
+    )
     try:
         health_port = json.loads(open(s.port_file).read())["health_port"]
         assert health_port not in (0, s.port)
@@ -140,7 +202,10 @@ def test_tokens_are_required_but_probes_stay_open(tenants_server):
     img = random_images(1, seed=2)
     assert tenants_server.health() == "SERVING"
     for token in ("", "not-a-valid-token-at-all"):
-        with FeatureBank(tenants_server.target, token=token, timeout_s=10) as bank, pytest.raises(FeatureBankError) as e:
+        with (
+            FeatureBank(tenants_server.target, token=token, timeout_s=10) as bank,
+            pytest.raises(FeatureBankError) as e,
+        ):
             bank.extract(img, backbone="toy")
         assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
     with FeatureBank(tenants_server.target, token=TOKEN_B, timeout_s=30) as b:
@@ -157,8 +222,10 @@ def test_tokens_are_required_but_probes_stay_open(tenants_server):
 def test_tenants_cannot_see_each_others_cache(tenants_server):
     """B can neither Lookup nor hit what A computed (salted keys); a shared-pool backbone is one cache."""
     img = random_images(1, seed=3)
-    with FeatureBank(tenants_server.target, token=TOKEN_A, timeout_s=30) as a, \
-            FeatureBank(tenants_server.target, token=TOKEN_B, timeout_s=30) as b:
+    with (
+        FeatureBank(tenants_server.target, token=TOKEN_A, timeout_s=30) as a,
+        FeatureBank(tenants_server.target, token=TOKEN_B, timeout_s=30) as b,
+    ):
         assert not a.extract_items(img, backbone="toy")[0].cache_hit
         assert a.lookup([content_key(img[0])], backbone="toy")[0].cache_hit
         looked_up = b.lookup([content_key(img[0])], backbone="toy")[0]
@@ -166,8 +233,10 @@ def test_tenants_cannot_see_each_others_cache(tenants_server):
         assert not b.extract_items(img, backbone="toy")[0].cache_hit  # B computes its own copy
 
     other = random_images(1, seed=4)
-    with FeatureBank(tenants_server.target, token=TOKEN_A, timeout_s=30) as a, \
-            FeatureBank(tenants_server.target, token=TOKEN_C, timeout_s=30) as c:
+    with (
+        FeatureBank(tenants_server.target, token=TOKEN_A, timeout_s=30) as a,
+        FeatureBank(tenants_server.target, token=TOKEN_C, timeout_s=30) as c,
+    ):
         assert not a.extract_items(other, backbone=SHARED)[0].cache_hit
         assert c.extract_items(other, backbone=SHARED)[0].cache_hit
 
@@ -186,20 +255,37 @@ def test_tenant_limits_refuse_that_tenant_only(start_server, tmp_path):
     from featurebank.v1 import featurebank_pb2 as pb
 
     faulty = "fixture_backbones:FaultyToy"
-    (tmp_path / "tokens.json").write_text(json.dumps({"tenants": {
-        "e": {"tokens": [TOKEN_E], "max_inflight_items": 4},
-        "f": {"tokens": [TOKEN_F]},
-        "g": {"tokens": [TOKEN_G], "requests_per_s": 1, "burst": 2},
-    }}))
-    server = start_server("--backbone", faulty, "--tokens-file", str(tmp_path / "tokens.json"),
-                          "--max-batch-delay-ms", "1", env={"FB_TEST_FORWARD_DELAY_MS": "600"})
+    (tmp_path / "tokens.json").write_text(
+        json.dumps(
+            {
+                "tenants": {
+                    "e": {"tokens": [TOKEN_E], "max_inflight_items": 4},
+                    "f": {"tokens": [TOKEN_F]},
+                    "g": {"tokens": [TOKEN_G], "requests_per_s": 1, "burst": 2},
+                }
+            }
+        )
+    )
+    server = start_server(
+        "--backbone",
+        faulty,
+        "--tokens-file",
+        str(tmp_path / "tokens.json"),
+        "--max-batch-delay-ms",
+        "1",
+        env={"FB_TEST_FORWARD_DELAY_MS": "600"},
+    )
     images = random_images(24, seed=880)
-    with FeatureBank(server.target, token=TOKEN_E, timeout_s=60) as e, \
-            FeatureBank(server.target, token=TOKEN_F, timeout_s=60) as f, \
-            FeatureBank(server.target, token=TOKEN_G, timeout_s=60) as g, \
-            concurrent.futures.ThreadPoolExecutor(2) as ex:
+    with (
+        FeatureBank(server.target, token=TOKEN_E, timeout_s=60) as e,
+        FeatureBank(server.target, token=TOKEN_F, timeout_s=60) as f,
+        FeatureBank(server.target, token=TOKEN_G, timeout_s=60) as g,
+        concurrent.futures.ThreadPoolExecutor(2) as ex,
+    ):
         busy = ex.submit(e.extract, images[:3], backbone=faulty)
-        wait_until(lambda: server.metric("featurebank_tenant_inflight_items", tenant="e") == 3, 20, "3 items of e in flight")
+        wait_until(
+            lambda: server.metric("featurebank_tenant_inflight_items", tenant="e") == 3, 20, "3 items of e in flight"
+        )
         with pytest.raises(FeatureBankError) as over:
             e.extract(images[3:5], backbone=faulty)  # 3 + 2 > 4
         assert over.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import pathlib
 import subprocess
 import sys
 import time
@@ -12,10 +11,10 @@ import grpc
 import numpy as np
 import pytest
 
-from featurebank.client import FLOAT16, REFRESH, BYPASS, FeatureBankError, content_key
+from featurebank.client import BYPASS, FLOAT16, REFRESH, FeatureBankError, content_key
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
-from support import png_bytes, random_images, wait_until
+from support import png_bytes, random_images
 
 
 def test_health_serving_and_reflection_lists_the_service(server):
@@ -77,7 +76,9 @@ def test_bad_items_of_every_kind_fail_alone(bank):
     bad_tensor = pb.Input(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[4, 4, 3], data=b"\0" * 7))
     nan_pixels = np.full((4, 4, 3), np.nan, np.float32)
     good = random_images(1, seed=303)[0]
-    outcomes = bank.extract_items([pb.Input(), pb.Input(image=b""), "some text", bad_tensor, nan_pixels, good], backbone="toy")
+    outcomes = bank.extract_items(
+        [pb.Input(), pb.Input(image=b""), "some text", bad_tensor, nan_pixels, good], backbone="toy"
+    )
     messages = [o.error.message if o.error else None for o in outcomes]
     assert "empty input" in messages[0]
     assert "empty image" in messages[1]
@@ -177,6 +178,7 @@ def test_list_backbones_describes_layers(bank):
 
 def test_worker_idle_and_read_time_are_counted(bank, server):
     """The worker's own clock: seconds with nothing to compute and seconds reading batches."""
+
     def worker_seconds():
         return [server.metric(f"featurebank_worker_{w}_seconds_total", backbone="toy") for w in ("idle", "read")]
 
@@ -206,10 +208,18 @@ def test_metrics_exposition_is_valid(server):
 
     text = server.metrics_text()
     names = {f.name for f in text_string_to_metric_families(text)}
-    for required in ("featurebank_requests", "featurebank_items", "featurebank_request_duration_seconds",
-                     "featurebank_batch_size", "featurebank_queue_delay_seconds", "featurebank_inference_duration_seconds",
-                     "featurebank_queue_depth", "featurebank_workers_ready", "featurebank_worker_restarts",
-                     "featurebank_cache_errors"):
+    for required in (
+        "featurebank_requests",
+        "featurebank_items",
+        "featurebank_request_duration_seconds",
+        "featurebank_batch_size",
+        "featurebank_queue_delay_seconds",
+        "featurebank_inference_duration_seconds",
+        "featurebank_queue_depth",
+        "featurebank_workers_ready",
+        "featurebank_worker_restarts",
+        "featurebank_cache_errors",
+    ):
         assert required in names, required
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -225,8 +235,20 @@ def test_cli_extract_twice_second_time_all_hits(server, tmp_path):
         p = tmp_path / f"img{i}.png"
         p.write_bytes(b)
         paths.append(str(p))
-    cmd = [sys.executable, "-m", "featurebank.client.cli", "extract", *paths, "--out", str(tmp_path / "f.npy"),
-           "--target", server.target, "--backbone", "toy", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "featurebank.client.cli",
+        "extract",
+        *paths,
+        "--out",
+        str(tmp_path / "f.npy"),
+        "--target",
+        server.target,
+        "--backbone",
+        "toy",
+        "--quiet",
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, check=True)
     second = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "0 cache hits, 3 computed" in first.stdout

@@ -76,9 +76,21 @@ def test_deadline_during_the_claim_never_hangs_a_stream_without_deadline(redis_s
 def test_full_queue_mid_submit_leaves_no_input_stuck(redis_server, start_server):
     """A request whose items no longer fit the queue once its claim returned fails with
     RESOURCE_EXHAUSTED, and the next request for the same inputs is answered promptly."""
-    server = start_server("--backbone", FAULTY, "--redis-url", redis_server.url, "--redis-timeout-ms", "10000",
-                          "--max-batch-size", "1", "--max-queue-size", "8", "--max-batch-delay-ms", "1",
-                          env={"FB_TEST_FORWARD_DELAY_MS": "200"})
+    server = start_server(
+        "--backbone",
+        FAULTY,
+        "--redis-url",
+        redis_server.url,
+        "--redis-timeout-ms",
+        "10000",
+        "--max-batch-size",
+        "1",
+        "--max-queue-size",
+        "8",
+        "--max-batch-delay-ms",
+        "1",
+        env={"FB_TEST_FORWARD_DELAY_MS": "200"},
+    )
     first, other = random_images(6, seed=1003), random_images(6, seed=1004)
     with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.FeatureBankStub(ch)
@@ -100,8 +112,17 @@ def test_cancelled_leader_still_writes_and_releases(redis_server, start_server):
     """The request that started a computation is cancelled while a second one waits on it: the
     second gets the features, the cache is written and the claim released, so a third request
     is a prompt cache hit."""
-    server = start_server("--backbone", FAULTY, "--redis-url", redis_server.url, "--max-batch-size", "1",
-                          "--pipeline-depth", "1", env={"FB_TEST_FORWARD_DELAY_MS": "400"})
+    server = start_server(
+        "--backbone",
+        FAULTY,
+        "--redis-url",
+        redis_server.url,
+        "--max-batch-size",
+        "1",
+        "--pipeline-depth",
+        "1",
+        env={"FB_TEST_FORWARD_DELAY_MS": "400"},
+    )
     busy_img, img = random_images(2, seed=1005)
     with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.FeatureBankStub(ch)
@@ -160,8 +181,18 @@ def test_claim_is_renewed_while_the_input_waits_in_the_queue(redis_server):
     replica asking for it meanwhile waits and reads it from the cache instead of computing it."""
     from support import ServerProcess
 
-    args = ("--backbone", FAULTY, "--redis-url", redis_server.url, "--claim-ttl-ms", "1000", "--max-batch-size", "1",
-            "--pipeline-depth", "1")
+    args = (
+        "--backbone",
+        FAULTY,
+        "--redis-url",
+        redis_server.url,
+        "--claim-ttl-ms",
+        "1000",
+        "--max-batch-size",
+        "1",
+        "--pipeline-depth",
+        "1",
+    )
     env = {"FB_TEST_FORWARD_DELAY_MS": "1500"}
     first, second = ServerProcess(*args, env=env).spawn(), ServerProcess(*args, env=env).spawn()
     try:

@@ -36,8 +36,9 @@ def test_health_is_not_serving_while_a_backbone_has_no_ready_worker(start_server
 def test_watchdog_kills_a_stuck_worker_and_its_batch_is_handled_like_a_crash(start_server):
     """A batch stuck far past the slowest batch seen gets its worker killed (counted); its neighbours are re-sent
     and succeed, the stuck input fails alone after its second try, and the pool keeps serving."""
-    server = start_server("--backbone", FAULTY, "--watchdog-floor-s", "3", "--watchdog-multiple", "10",
-                          "--max-batch-delay-ms", "20")
+    server = start_server(
+        "--backbone", FAULTY, "--watchdog-floor-s", "3", "--watchdog-multiple", "10", "--max-batch-delay-ms", "20"
+    )
     good = random_images(3, seed=81)
     with FeatureBank(server.target, timeout_s=90) as bank:
         bank.extract([good[2]], backbone=FAULTY)  # one batch seen: the slowest so far is milliseconds

@@ -16,8 +16,13 @@ NEVER_MS = 600_000.0  # a batch delay no test may wait out
 
 
 def pending(payload, *, deadline: float | None = None, waiters: int = 1) -> PendingItem:
-    return PendingItem(payload=payload, layer="pooled", future=asyncio.get_running_loop().create_future(),
-                       deadline=deadline, waiters=waiters)
+    return PendingItem(
+        payload=payload,
+        layer="pooled",
+        future=asyncio.get_running_loop().create_future(),
+        deadline=deadline,
+        waiters=waiters,
+    )
 
 
 def payloads(batch: list[PendingItem]) -> list:

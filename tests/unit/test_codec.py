@@ -160,7 +160,9 @@ def test_ndim_byte_flip_is_corrupt_for_nonzero_features(data):
 def test_ndim_byte_flip_on_zero_features_is_corrupt():
     """Changing the ndim byte of a float32 value holding [0, 0] raises CorruptValueError (it must not decode as another shape)."""
     value = codec.encode(np.zeros(2, np.float32))
-    corrupted = flip(value, NDIM_BYTE, 1 ^ 3)  # ndim 1 -> 3: shape becomes (2, crc, 0), the last zero word the "crc" of b""
+    corrupted = flip(
+        value, NDIM_BYTE, 1 ^ 3
+    )  # ndim 1 -> 3: shape becomes (2, crc, 0), the last zero word the "crc" of b""
     with pytest.raises(CorruptValueError):
         codec.decode(corrupted)
 

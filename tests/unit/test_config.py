@@ -138,8 +138,19 @@ def test_env_vars_fill_fields():
     assert c.backbone_specs == [("toy", {}), ("minilm", {"weights": "/weights/minilm.safetensors"})]
 
 
-@pytest.mark.parametrize("raw,expected", [("1", True), ("true", True), ("YES", True), (" on ", True),
-                                          ("0", False), ("false", False), ("no", False), ("off", False)])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        (" on ", True),
+        ("0", False),
+        ("false", False),
+        ("no", False),
+        ("off", False),
+    ],
+)
 def test_bool_env_values(raw, expected):
     """Boolean env vars accept 1/true/yes/on (any case) as true and others as false."""
     assert parse([], {"FEATUREBANK_WARMUP": raw}).warmup is expected
@@ -193,7 +204,9 @@ def test_max_batch_size_defaults_to_the_device():
 
 def test_backbone_specs_from_repeated_and_comma_separated_flags():
     """--backbone is repeatable and comma-separated; NAME=PATH sets the weights file and blanks are ignored."""
-    c = parse(["--backbone", "efficientnet_lite0, toy", "--backbone", "minilm=/w/m.safetensors,", "--backbone", "my.mod:Cls"])
+    c = parse(
+        ["--backbone", "efficientnet_lite0, toy", "--backbone", "minilm=/w/m.safetensors,", "--backbone", "my.mod:Cls"]
+    )
     assert c.backbone == ["efficientnet_lite0", "toy", "minilm=/w/m.safetensors", "my.mod:Cls"]
     assert c.backbone_specs == [
         ("efficientnet_lite0", {}),

@@ -17,12 +17,15 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-yaml = pytest.importorskip("yaml", reason="PyYAML (a dependency of kubernetes-validate and of keras-hub) is needed to read the manifests")
+yaml = pytest.importorskip(
+    "yaml", reason="PyYAML (a dependency of kubernetes-validate and of keras-hub) is needed to read the manifests"
+)
 
 from featurebank.server import config as server_config  # noqa: E402
 from featurebank.server.metrics import Metrics  # noqa: E402
@@ -55,7 +58,7 @@ def _kustomize_command() -> list[str] | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render(overlay: str) -> tuple[str, str, int]:
     command = _kustomize_command()
     if command is None:
@@ -226,8 +229,14 @@ def promtool_check(exprs: list[str], tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not on PATH (apt-get install prometheus): PromQL syntax not checked")
-    rules = {"groups": [{"name": "check", "rules": [
-        {"record": f"featurebank:check:expr{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "check",
+                "rules": [{"record": f"featurebank:check:expr{i}", "expr": e} for i, e in enumerate(exprs)],
+            }
+        ]
+    }
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump(rules))
     done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=30)
@@ -242,8 +251,19 @@ def test_overlay_renders_every_part(overlay):
     """Each overlay renders with kustomize and contains the server, its Services, config, PDB, NetworkPolicy, HPA, Redis and monitoring objects."""
     objects = render(overlay)
     kinds = {o["kind"] for o in objects}
-    assert {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
-            "NetworkPolicy", "HorizontalPodAutoscaler", "StatefulSet", "ServiceMonitor", "PrometheusRule"} <= kinds
+    assert {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "HorizontalPodAutoscaler",
+        "StatefulSet",
+        "ServiceMonitor",
+        "PrometheusRule",
+    } <= kinds
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert len(names) == len(objects), "two objects share a kind and name"
     namespaced = [o for o in objects if o["kind"] != "Namespace"]
@@ -316,13 +336,17 @@ def test_server_requires_the_tokens_secret(overlay):
     cfg = config_of(objects)
     assert not server_config.is_loopback(cfg.host), "pods must listen beyond loopback for clients to connect"
     assert cfg.tokens_file and not cfg.insecure
-    mount = next((m for m in container["volumeMounts"] if cfg.tokens_file.startswith(m["mountPath"].rstrip("/") + "/")), None)
+    mount = next(
+        (m for m in container["volumeMounts"] if cfg.tokens_file.startswith(m["mountPath"].rstrip("/") + "/")), None
+    )
     assert mount is not None, f"no volume is mounted at {cfg.tokens_file}"
     assert mount.get("readOnly") is True
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["secretName"] == "featurebank-tokens"
-    assert volume["secret"].get("optional", False) is False, "a missing tokens Secret must stop the pod, not start it open"
-    key = cfg.tokens_file[len(mount["mountPath"].rstrip("/")) + 1:]
+    assert volume["secret"].get("optional", False) is False, (
+        "a missing tokens Secret must stop the pod, not start it open"
+    )
+    key = cfg.tokens_file[len(mount["mountPath"].rstrip("/")) + 1 :]
     items = volume["secret"].get("items")
     assert items is None or key in {i["path"] for i in items}
 
@@ -442,7 +466,9 @@ def test_network_policy_admits_only_clients_and_prometheus(overlay):
     labels = server_deployment(objects)["spec"]["template"]["metadata"]["labels"]
     container = server_container(objects)
     grpc_port, metrics_port = container_port(container, "grpc"), container_port(container, "metrics")
-    policies = [p for p in of_kind(objects, "NetworkPolicy") if selects(p["spec"]["podSelector"]["matchLabels"], labels)]
+    policies = [
+        p for p in of_kind(objects, "NetworkPolicy") if selects(p["spec"]["podSelector"]["matchLabels"], labels)
+    ]
     assert len(policies) == 1
     spec = policies[0]["spec"]
     assert "Ingress" in spec["policyTypes"]
@@ -454,12 +480,16 @@ def test_network_policy_admits_only_clients_and_prometheus(overlay):
     assert set(allowed) == {grpc_port, metrics_port}
     for peer in allowed[grpc_port]:
         assert peer["podSelector"]["matchLabels"] == {"featurebank-client": "true"}
-        assert client_namespaces(peer), "client namespaces are listed by name: an empty namespaceSelector admits every namespace"
+        assert client_namespaces(peer), (
+            "client namespaces are listed by name: an empty namespaceSelector admits every namespace"
+        )
     for peer in allowed[metrics_port]:
         assert "kubernetes.io/metadata.name" in peer["namespaceSelector"]["matchLabels"] and "podSelector" not in peer
 
     redis_labels = one(objects, "StatefulSet", "featurebank-redis")["spec"]["template"]["metadata"]["labels"]
-    redis_policy = [p for p in of_kind(objects, "NetworkPolicy") if selects(p["spec"]["podSelector"]["matchLabels"], redis_labels)]
+    redis_policy = [
+        p for p in of_kind(objects, "NetworkPolicy") if selects(p["spec"]["podSelector"]["matchLabels"], redis_labels)
+    ]
     assert len(redis_policy) == 1
     for rule in redis_policy[0]["spec"]["ingress"]:
         for peer in rule["from"]:
@@ -495,9 +525,12 @@ def test_service_monitor_scrapes_each_pod_once(overlay):
     (monitor,) = of_kind(objects, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     spec = monitor["spec"]
-    services = [s for s in of_kind(objects, "Service")
-                if selects(spec["selector"]["matchLabels"], s["metadata"].get("labels", {}))
-                and s["metadata"]["namespace"] == monitor["metadata"]["namespace"]]
+    services = [
+        s
+        for s in of_kind(objects, "Service")
+        if selects(spec["selector"]["matchLabels"], s["metadata"].get("labels", {}))
+        and s["metadata"]["namespace"] == monitor["metadata"]["namespace"]
+    ]
     assert len(services) == 1, f"selects {[s['metadata']['name'] for s in services]}: pods would be scraped twice"
     ports = {p["name"]: p for p in services[0]["spec"]["ports"]}
     metrics_port = container_port(server_container(objects), "metrics")
@@ -505,10 +538,20 @@ def test_service_monitor_scrapes_each_pod_once(overlay):
     for endpoint in spec["endpoints"]:
         port = ports[endpoint["port"]]
         target = port["targetPort"]
-        assert (container_port(server_container(objects), target) if isinstance(target, str) else target) == metrics_port
+        assert (
+            container_port(server_container(objects), target) if isinstance(target, str) else target
+        ) == metrics_port
         assert endpoint.get("path", "/metrics") == "/metrics"
-        assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels",
-                                 "relabelings", "metricRelabelings"}
+        assert set(endpoint) <= {
+            "port",
+            "path",
+            "scheme",
+            "interval",
+            "scrapeTimeout",
+            "honorLabels",
+            "relabelings",
+            "metricRelabelings",
+        }
         seconds = {k: quantity_seconds(endpoint[k]) for k in ("interval", "scrapeTimeout") if k in endpoint}
         assert seconds.get("scrapeTimeout", 0) <= seconds.get("interval", 60)
 
@@ -551,9 +594,14 @@ def test_redis_is_a_bounded_lru_cache_with_secret_password(overlay):
     assert secret_refs == {"featurebank-redis"}
     url = next(v for v in server_container(objects)["env"] if v["name"] == "FEATUREBANK_REDIS_URL")
     assert url["valueFrom"]["secretKeyRef"]["name"] == "featurebank-redis"
-    assert any(selects(s["spec"]["selector"], redis["spec"]["template"]["metadata"]["labels"])
-               and s["metadata"]["name"] == "featurebank-redis" for s in of_kind(objects, "Service"))
-    assert not of_kind(objects, "Secret"), "secrets are created by the operator (deploy/README.md), never rendered from git"
+    assert any(
+        selects(s["spec"]["selector"], redis["spec"]["template"]["metadata"]["labels"])
+        and s["metadata"]["name"] == "featurebank-redis"
+        for s in of_kind(objects, "Service")
+    )
+    assert not of_kind(objects, "Secret"), (
+        "secrets are created by the operator (deploy/README.md), never rendered from git"
+    )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -569,12 +617,16 @@ def test_heads_live_in_a_redis_that_never_evicts_and_appends_to_a_volume(overlay
     settings = dict(line.split(None, 1) for line in conf.splitlines() if line.strip() and not line.startswith("#"))
     assert settings["maxmemory-policy"] == "noeviction", "the server refuses a heads Redis that evicts (allkeys-*)"
     assert settings["appendonly"] == "yes" and settings["appendfsync"] in ("always", "everysec")
-    assert quantity(container["resources"]["limits"]["memory"]) >= 2 * redis_bytes(settings["maxmemory"]), "an AOF rewrite forks"
+    assert quantity(container["resources"]["limits"]["memory"]) >= 2 * redis_bytes(settings["maxmemory"]), (
+        "an AOF rewrite forks"
+    )
     data_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == settings["dir"])
     claims = {c["metadata"]["name"] for c in heads["spec"].get("volumeClaimTemplates", [])}
     assert data_mount["name"] in claims, "the append-only file must live on a PersistentVolumeClaim, not an emptyDir"
     assert "--requirepass" in container["args"]
-    assert {v["valueFrom"]["secretKeyRef"]["name"] for v in container["env"] if "valueFrom" in v} == {"featurebank-heads-redis"}
+    assert {v["valueFrom"]["secretKeyRef"]["name"] for v in container["env"] if "valueFrom" in v} == {
+        "featurebank-heads-redis"
+    }
 
     url = next(v for v in server_container(objects)["env"] if v["name"] == "FEATUREBANK_HEADS_REDIS_URL")
     assert url["valueFrom"]["secretKeyRef"] == {"name": "featurebank-heads-redis", "key": "url"}
@@ -585,7 +637,9 @@ def test_heads_live_in_a_redis_that_never_evicts_and_appends_to_a_volume(overlay
         assert not (selects(selector, heads_labels) and selects(selector, cache_labels)), service["metadata"]["name"]
     assert selects(one(objects, "Service", "featurebank-heads-redis")["spec"]["selector"], heads_labels)
     server_labels = server_deployment(objects)["spec"]["template"]["metadata"]["labels"]
-    policies = [p for p in of_kind(objects, "NetworkPolicy") if selects(p["spec"]["podSelector"]["matchLabels"], heads_labels)]
+    policies = [
+        p for p in of_kind(objects, "NetworkPolicy") if selects(p["spec"]["podSelector"]["matchLabels"], heads_labels)
+    ]
     assert len(policies) == 1
     for rule in policies[0]["spec"]["ingress"]:
         for peer in rule["from"]:
@@ -612,7 +666,9 @@ def test_every_referenced_metric_is_exported():
     unknown = {name: sorted(where) for name, where in referenced.items() if name not in exported}
     assert not unknown, f"not exported by featurebank.server.metrics: {unknown}"
     hpa = yaml.safe_load((K8S / "base" / "hpa.yaml").read_text())
-    assert {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"} == {"featurebank_queue_depth"}
+    assert {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"} == {
+        "featurebank_queue_depth"
+    }
     adapter = yaml.safe_load(ADAPTER_VALUES.read_text())
     assert "featurebank_queue_depth" in {rule["name"]["as"] for rule in adapter["rules"]["custom"]}
 
@@ -622,8 +678,12 @@ def test_prometheus_adapter_rule_serves_the_hpa_metric(tmp_path):
     adapter = yaml.safe_load(ADAPTER_VALUES.read_text())
     (rule,) = [r for r in adapter["rules"]["custom"] if r["name"]["as"] == "featurebank_queue_depth"]
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
-    query = (rule["metricsQuery"].replace("<<.Series>>", "featurebank_queue_depth")
-             .replace("<<.LabelMatchers>>", 'namespace="featurebank", pod=~"a|b"').replace("<<.GroupBy>>", "pod"))
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", "featurebank_queue_depth")
+        .replace("<<.LabelMatchers>>", 'namespace="featurebank", pod=~"a|b"')
+        .replace("<<.GroupBy>>", "pod")
+    )
     assert "<<" not in query, f"unknown template field in {rule['metricsQuery']}"
     promtool_check([rule["seriesQuery"], query], tmp_path)
 
@@ -632,14 +692,23 @@ def test_dashboard_covers_the_operating_signals():
     """The dashboard charts throughput, hit ratio, batch size, queue delay, latency quantiles, worker restarts, cache errors, workers ready and queue depth."""
     exprs = dashboard_exprs()
     text = "\n".join(exprs)
-    for needed in ("featurebank_items_total", "featurebank_request_duration_seconds_bucket", "featurebank_batch_size_",
-                   "featurebank_queue_delay_seconds_bucket", "featurebank_worker_restarts_total",
-                   "featurebank_cache_errors_total", "featurebank_workers_ready", "featurebank_queue_depth"):
+    for needed in (
+        "featurebank_items_total",
+        "featurebank_request_duration_seconds_bucket",
+        "featurebank_batch_size_",
+        "featurebank_queue_delay_seconds_bucket",
+        "featurebank_worker_restarts_total",
+        "featurebank_cache_errors_total",
+        "featurebank_workers_ready",
+        "featurebank_queue_depth",
+    ):
         assert needed in text, needed
     assert any('result="hit"' in e and "/" in e for e in exprs), "no hit-ratio panel"
     for expr in exprs:
         if "histogram_quantile" in expr:
-            assert "_bucket" in expr and re.search(r"by \([^)]*\ble\b", expr), f"quantile not over buckets by le: {expr}"
+            assert "_bucket" in expr and re.search(r"by \([^)]*\ble\b", expr), (
+                f"quantile not over buckets by le: {expr}"
+            )
         if "_total" in expr:
             assert re.search(r"\b(rate|increase|irate)\(", expr), f"a counter charted without rate(): {expr}"
 
@@ -692,8 +761,13 @@ def final_stage(flavour: str) -> list[tuple[str, str]]:
 
 def dockerfile_user(flavour: str) -> str:
     steps = final_stage(flavour)
-    args = {m[0]: m[1] for op, a in instructions(dockerfile(flavour)) if op == "ARG"
-            for m in [a.split("=", 1)] if len(m) == 2}
+    args = {
+        m[0]: m[1]
+        for op, a in instructions(dockerfile(flavour))
+        if op == "ARG"
+        for m in [a.split("=", 1)]
+        if len(m) == 2
+    }
     user = [a for op, a in steps if op == "USER"][-1]
     return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m[1], m[0]), user)
 
@@ -760,8 +834,12 @@ def baked_backbones() -> set[str]:
 def test_weight_conversion_script_loads_both_offline_backbones():
     """convert_weights.py instantiates and load()s EfficientNetLite0 and MiniLM, the server's default backbones."""
     tree = ast.parse((DOCKER / "convert_weights.py").read_text())
-    calls = {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
-    instantiated = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    calls = {
+        node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
+    instantiated = {
+        node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+    }
     assert {"EfficientNetLite0", "MiniLM"} <= instantiated and "load" in calls
     from featurebank.workers.backbones.registry import DEFAULT_BACKBONES
 
@@ -786,10 +864,20 @@ def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
 
 def test_dockerignore_keeps_what_the_dockerfiles_copy():
     """.dockerignore excludes .git, .venv, tests and caches but keeps every file the Dockerfiles COPY from the context."""
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.strip().startswith("#")]
-    for path in (".git/HEAD", ".venv/bin/python", "tests/data/astronaut.png", "tests/unit/test_deploy.py",
-                 ".pytest_cache/v", "server/__pycache__/app.cpython-311.pyc", "featurebank.egg-info/PKG-INFO"):
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    for path in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "tests/data/astronaut.png",
+        "tests/unit/test_deploy.py",
+        ".pytest_cache/v",
+        "server/__pycache__/app.cpython-311.pyc",
+        "featurebank.egg-info/PKG-INFO",
+    ):
         assert dockerignore_excludes(path, patterns), f"{path} would be sent to the Docker daemon"
     for flavour in OVERLAYS:
         for op, args in instructions(dockerfile(flavour)):
@@ -797,7 +885,11 @@ def test_dockerignore_keeps_what_the_dockerfiles_copy():
                 continue
             for source in args.split()[:-1]:
                 root = REPO / source
-                files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+                files = (
+                    [root]
+                    if root.is_file()
+                    else [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+                )
                 assert files, f"COPY {source}: nothing there"
                 for f in files:
                     rel = f.relative_to(REPO).as_posix()

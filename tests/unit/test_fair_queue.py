@@ -13,7 +13,9 @@ PROMPT_S = 5.0
 
 
 def item(tenant: str, payload: object = None) -> PendingItem:
-    return PendingItem(payload=payload, layer="pooled", future=asyncio.get_running_loop().create_future(), tenant=tenant)
+    return PendingItem(
+        payload=payload, layer="pooled", future=asyncio.get_running_loop().create_future(), tenant=tenant
+    )
 
 
 def fill(batcher: DynamicBatcher, tenant: str) -> int:

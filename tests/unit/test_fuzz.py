@@ -29,14 +29,32 @@ def test_fuzz_request_parsing_and_decoding_for_a_bounded_time(tmp_path):
     Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(png, format="PNG")
     seeds = {
         "png": png.getvalue(),
-        "request": pb.ExtractRequest(backbone="toy", inputs=[pb.Input(image=png.getvalue()), pb.Input(text="hi"),
-                                                             pb.Input(tensor=tensors.to_proto(np.zeros((2, 2, 3), np.uint8)))]).SerializeToString(),
+        "request": pb.ExtractRequest(
+            backbone="toy",
+            inputs=[
+                pb.Input(image=png.getvalue()),
+                pb.Input(text="hi"),
+                pb.Input(tensor=tensors.to_proto(np.zeros((2, 2, 3), np.uint8))),
+            ],
+        ).SerializeToString(),
         "value": codec.encode(np.ones(4, np.float32)),
     }
     for name, data in seeds.items():
         (corpus / name).write_bytes(data)
-    run = subprocess.run([sys.executable, str(FUZZER), str(corpus), "-max_total_time=20", "-seed=7", "-max_len=4096",
-                          f"-artifact_prefix={tmp_path}/",
-                          "-rss_limit_mb=4096"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(FUZZER),
+            str(corpus),
+            "-max_total_time=20",
+            "-seed=7",
+            "-max_len=4096",
+            f"-artifact_prefix={tmp_path}/",
+            "-rss_limit_mb=4096",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     assert "Done" in run.stderr

@@ -19,17 +19,25 @@ def _head(widths, activation="gelu", seed=0, name="h") -> pb.Head:
     rng = np.random.default_rng(seed)
     head = pb.Head(name=name)
     for i in range(len(widths) - 1):
-        head.layers.add(kernel=tensors.to_proto(rng.normal(0, 1, (widths[i], widths[i + 1])).astype(np.float32)),
-                        bias=tensors.to_proto(rng.normal(0, 1, widths[i + 1]).astype(np.float32)),
-                        activation=activation if i < len(widths) - 2 else "softmax")
+        head.layers.add(
+            kernel=tensors.to_proto(rng.normal(0, 1, (widths[i], widths[i + 1])).astype(np.float32)),
+            bias=tensors.to_proto(rng.normal(0, 1, widths[i + 1]).astype(np.float32)),
+            activation=activation if i < len(widths) - 2 else "softmax",
+        )
     return head
 
 
 def test_erf_matches_math_erf_far_below_float32_eps():
     """On a dense grid over [-10, 10], every float32 sample and the branch edges, erf is within 1e-15 of math.erf."""
-    x = np.concatenate([np.linspace(-10, 10, 400_001), np.linspace(-1.001, 1.001, 20_001), np.linspace(5.99, 6.01, 2001),
-                        np.random.default_rng(0).uniform(-7, 7, 100_000).astype(np.float32).astype(np.float64),
-                        [0.0, -0.0, 1.0, -1.0, 6.0, -6.0, 8.0, 30.0, 1e300, -1e300, 5e-324, 1e-300]])
+    x = np.concatenate(
+        [
+            np.linspace(-10, 10, 400_001),
+            np.linspace(-1.001, 1.001, 20_001),
+            np.linspace(5.99, 6.01, 2001),
+            np.random.default_rng(0).uniform(-7, 7, 100_000).astype(np.float32).astype(np.float64),
+            [0.0, -0.0, 1.0, -1.0, 6.0, -6.0, 8.0, 30.0, 1e300, -1e300, 5e-324, 1e-300],
+        ]
+    )
     want = np.array([math.erf(v) for v in x])
     error = np.abs(erf(x) - want)
     assert error.max() < 1e-15, (error.max(), x[error.argmax()])
@@ -65,10 +73,21 @@ def test_predict_in_chunks_equals_one_pass(monkeypatch):
     assert compiled.predict(x[:0]).shape == (0, 4)
 
 
-@pytest.mark.parametrize("widths, limits, message", [
-    ((16, 100, 2), HeadLimits(max_parameters=1000, max_width=4096), "more than 1000 parameters (--max-head-parameters)"),
-    ((16, 300, 2), HeadLimits(max_parameters=10**6, max_width=256), "300 units, over the limit of 256 (--max-head-width)"),
-])
+@pytest.mark.parametrize(
+    "widths, limits, message",
+    [
+        (
+            (16, 100, 2),
+            HeadLimits(max_parameters=1000, max_width=4096),
+            "more than 1000 parameters (--max-head-parameters)",
+        ),
+        (
+            (16, 300, 2),
+            HeadLimits(max_parameters=10**6, max_width=256),
+            "300 units, over the limit of 256 (--max-head-width)",
+        ),
+    ],
+)
 def test_heads_over_the_limits_are_refused_naming_the_flag(widths, limits, message):
     """A head over --max-head-parameters or --max-head-width is INVALID_ARGUMENT naming the flag; one at the limit is accepted."""
     with pytest.raises(InvalidArgumentError) as e:
@@ -81,8 +100,11 @@ def test_heads_over_the_limits_are_refused_naming_the_flag(widths, limits, messa
 def test_limits_are_checked_before_weights_are_decoded():
     """A layer declaring a huge kernel is refused from its shape, before its (absent) data is looked at."""
     head = pb.Head(name="h")
-    head.layers.add(kernel=pb.Tensor(dtype=pb.FLOAT32, shape=[100_000, 100_000]), bias=pb.Tensor(dtype=pb.FLOAT32, shape=[100_000]),
-                    activation="softmax")
+    head.layers.add(
+        kernel=pb.Tensor(dtype=pb.FLOAT32, shape=[100_000, 100_000]),
+        bias=pb.Tensor(dtype=pb.FLOAT32, shape=[100_000]),
+        activation="softmax",
+    )
     with pytest.raises(InvalidArgumentError, match="--max-head"):
         CompiledHead(head, HeadLimits())
 
@@ -107,7 +129,9 @@ def test_compiled_heads_cache_is_a_bounded_lru():
     assert len(tiny) == 0 and tiny.bytes_used == 0
 
 
-@pytest.mark.parametrize("ref, expected", [("clf", (None, "clf")), ("search/clf", ("search", "clf")), ("a.b/c-1", ("a.b", "c-1"))])
+@pytest.mark.parametrize(
+    "ref, expected", [("clf", (None, "clf")), ("search/clf", ("search", "clf")), ("a.b/c-1", ("a.b", "c-1"))]
+)
 def test_head_references(ref, expected):
     """NAME is the caller's own head, TENANT/NAME another tenant's."""
     assert parse_ref(ref) == expected

@@ -21,14 +21,21 @@ from featurebank.server.batching import DynamicBatcher
 from featurebank.server.cache import LRUCache
 from featurebank.server.metrics import Metrics
 from featurebank.server.servicer import (
-    _OUTPUT_DTYPES, _OUTPUT_TENSOR_DTYPES, HASH_OFFLOAD_BYTES, HASH_OFFLOAD_REQUEST_BYTES, FeatureBankServicer, ServedBackbone, _cached_to_proto,
+    _OUTPUT_DTYPES,
+    _OUTPUT_TENSOR_DTYPES,
+    HASH_OFFLOAD_BYTES,
+    HASH_OFFLOAD_REQUEST_BYTES,
+    FeatureBankServicer,
+    ServedBackbone,
+    _cached_to_proto,
 )
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.workers.backbones.base import BackboneInfo, LayerSpec
 
 OUTPUT_DTYPES = [pb.DTYPE_UNSPECIFIED, pb.FLOAT32, pb.FLOAT16]
 feature_arrays = st.sampled_from([np.dtype("<f4"), np.dtype("<f2")]).flatmap(
-    lambda dtype: hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)))
+    lambda dtype: hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
+)
 
 
 def numpy_path(value: bytes, output_dtype: int) -> pb.Tensor:
@@ -43,7 +50,9 @@ def test_cached_value_tensor_equals_the_numpy_path(a, output_dtype):
     value = codec.encode(a)
     out = pb.Tensor()
     with np.errstate(over="ignore", invalid="ignore"):  # float32 -> float16 may overflow to inf: both paths alike
-        _cached_to_proto(value, codec.check(value), _OUTPUT_TENSOR_DTYPES[output_dtype], _OUTPUT_DTYPES[output_dtype], out)
+        _cached_to_proto(
+            value, codec.check(value), _OUTPUT_TENSOR_DTYPES[output_dtype], _OUTPUT_DTYPES[output_dtype], out
+        )
         expected = numpy_path(value, output_dtype)
     assert out.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
 
@@ -56,7 +65,7 @@ def test_check_agrees_with_decode(a):
     header = codec.check(value)
     assert header.shape == a.shape
     assert codec.DTYPE_NAMES[header.code] == a.dtype.name
-    assert value[header.offset:] == a.tobytes()
+    assert value[header.offset :] == a.tobytes()
     assert codec.to_array(value, header).tobytes() == codec.decode(value).tobytes()
 
 
@@ -64,15 +73,25 @@ def test_check_agrees_with_decode(a):
 
 
 def _servicer() -> tuple[FeatureBankServicer, ServedBackbone]:
-    info = BackboneInfo(name="b", fingerprint="f" * 32, input_kind="image", default_layer="pooled",
-                        layers=(LayerSpec("pooled", (4,)),), input_size=(8, 8, 3), preprocessing="none")
+    info = BackboneInfo(
+        name="b",
+        fingerprint="f" * 32,
+        input_kind="image",
+        default_layer="pooled",
+        layers=(LayerSpec("pooled", (4,)),),
+        input_size=(8, 8, 3),
+        preprocessing="none",
+    )
     served = ServedBackbone(info=info, batcher=DynamicBatcher(max_batch_size=4, max_batch_delay_ms=1, max_queue_size=8))
-    return FeatureBankServicer({"b": served}, LRUCache(1 << 20, 60), Metrics(), storage_dtype="float32",
-                               max_items_per_request=16), served
+    return FeatureBankServicer(
+        {"b": served}, LRUCache(1 << 20, 60), Metrics(), storage_dtype="float32", max_items_per_request=16
+    ), served
 
 
 def _store(servicer, served, images, rows) -> None:
-    items = [(servicer._cache_key(served, "pooled", content_key(img)), codec.encode(row)) for img, row in zip(images, rows)]
+    items = [
+        (servicer._cache_key(served, "pooled", content_key(img)), codec.encode(row)) for img, row in zip(images, rows)
+    ]
     asyncio.run(servicer.cache.set_many(items))
 
 
@@ -85,8 +104,9 @@ def test_extract_and_lookup_hits_answer_the_cached_features(output_dtype):
     _store(servicer, served, images, rows)
     expected = rows.astype(_OUTPUT_DTYPES[output_dtype])
 
-    request = pb.ExtractRequest(backbone="b", inputs=[pb.Input(image=x) for x in images + images[:1]],
-                                output_dtype=output_dtype)
+    request = pb.ExtractRequest(
+        backbone="b", inputs=[pb.Input(image=x) for x in images + images[:1]], output_dtype=output_dtype
+    )
     response = asyncio.run(servicer.extract(request, None))
     assert [r.cache_hit for r in response.results] == [True] * 4
     got = np.stack([tensors.from_proto(r.features) for r in response.results])

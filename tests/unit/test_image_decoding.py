@@ -8,11 +8,11 @@ import time
 
 import numpy as np
 import pytest
+from malicious_images import animated_gif, ico_bomb, tiff_bytes
 from PIL import Image
 
-from featurebank.workers.backbones.images import decode_image
 from featurebank.workers.backbones.base import InvalidInputError
-from malicious_images import animated_gif, ico_bomb, tiff_bytes
+from featurebank.workers.backbones.images import decode_image
 
 LIMIT = 40_000_000  # the server's default --max-image-pixels
 

@@ -114,10 +114,20 @@ def test_same_bytes_differ_across_kinds(data):
 def test_tensor_key_covers_dtype_and_shape():
     """The same tensor bytes under another dtype or shape give another key (uint8 x8, int64 x1, float32 x2; 6 vs 2x3 vs 3x2)."""
     raw = np.arange(8, dtype=np.uint8)
-    same_bytes = {content_key(raw), content_key(raw.view("<i8")), content_key(raw.view("<f4")), content_key(raw.view("<f2"))}
+    same_bytes = {
+        content_key(raw),
+        content_key(raw.view("<i8")),
+        content_key(raw.view("<f4")),
+        content_key(raw.view("<f2")),
+    }
     assert len(same_bytes) == 4
     six = np.arange(6, dtype=np.int32)
-    shapes = {content_key(six), content_key(six.reshape(2, 3)), content_key(six.reshape(3, 2)), content_key(six.reshape(1, 6))}
+    shapes = {
+        content_key(six),
+        content_key(six.reshape(2, 3)),
+        content_key(six.reshape(3, 2)),
+        content_key(six.reshape(1, 6)),
+    }
     assert len(shapes) == 4
 
 
@@ -267,8 +277,9 @@ def test_default_namespace_is_empty():
     assert plain != cache_key(ck, fingerprint="fp", layer="pooled", storage_dtype="float32", namespace="tenant-a")
 
 
-def straightforward_cache_key(content_key: str, *, fingerprint: str, layer: str, storage_dtype: str,
-                              namespace: str = "") -> str:
+def straightforward_cache_key(
+    content_key: str, *, fingerprint: str, layer: str, storage_dtype: str, namespace: str = ""
+) -> str:
     """cache_key as it was first written: one fresh BLAKE2b per key, every field fed in turn."""
     h = hashlib.blake2b(digest_size=16)
     for part in (namespace, fingerprint, layer, storage_dtype, content_key):
@@ -299,6 +310,7 @@ def test_prefix_cache_is_bounded():
     server_keys._prefix.cache_clear()
     for i in range(server_keys.PREFIX_CACHE_SIZE + 10):
         ns = f"tenant-{i}"
-        assert cache_key("k" * 32, fingerprint="fp", layer="l", storage_dtype="float16", namespace=ns) == \
-            straightforward_cache_key("k" * 32, fingerprint="fp", layer="l", storage_dtype="float16", namespace=ns)
+        assert cache_key(
+            "k" * 32, fingerprint="fp", layer="l", storage_dtype="float16", namespace=ns
+        ) == straightforward_cache_key("k" * 32, fingerprint="fp", layer="l", storage_dtype="float16", namespace=ns)
     assert server_keys._prefix.cache_info().currsize == server_keys.PREFIX_CACHE_SIZE

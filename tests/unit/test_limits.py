@@ -33,8 +33,12 @@ def test_burst_defaults_to_one_second_of_rate_and_no_limits_admit_everything():
 def test_inflight_bound_refuses_over_it_but_admits_an_oversized_request_alone():
     limited: list = []
     seen: list = []
-    gate = TenantGate("t", Limits(max_inflight_items=4), on_limited=lambda t, w: limited.append(w),
-                      on_inflight=lambda t, n: seen.append(n))
+    gate = TenantGate(
+        "t",
+        Limits(max_inflight_items=4),
+        on_limited=lambda t, w: limited.append(w),
+        on_inflight=lambda t, n: seen.append(n),
+    )
     gate.acquire(3)
     with pytest.raises(TenantLimitError, match="max_inflight_items=4"):
         gate.acquire(2)

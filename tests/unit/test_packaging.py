@@ -52,7 +52,8 @@ def test_installed_files_stay_in_the_namespace(dist):
             or top.endswith(".dist-info")
             or top == ".."  # the console script under bin/
             or top.startswith("__editable__")  # editable-install hook (.pth / finder)
-            or top == "__pycache__" and "__editable__" in f.name
+            or top == "__pycache__"
+            and "__editable__" in f.name
         )
         assert allowed, f"unexpected installed file {f}"
         assert top.split(".")[0] not in REPO_DIRS, f"bare top-level {top} installed"

@@ -7,10 +7,10 @@ import gc
 import pathlib
 import re
 import sys
-import tomllib
 import warnings
 
 import pytest
+import tomllib
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
@@ -43,7 +43,9 @@ def test_requires_python_is_the_version_ci_tests():
     assert ci == {f"{floor.major}.{floor.minor}"}, f"CI runs {ci}, pyproject declares >={floor}"
     assert readme == ci, f"README's commands use {readme}, CI uses {ci}"
     classifiers = _project().get("classifiers", [])
-    versions = {c.rsplit(" :: ", 1)[1] for c in classifiers if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)}
+    versions = {
+        c.rsplit(" :: ", 1)[1] for c in classifiers if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
+    }
     assert f"{floor.major}.{floor.minor}" in versions, f"classifiers {sorted(versions)} omit the floor {floor}"
     assert all(Version(v) >= floor for v in versions), f"classifiers {sorted(versions)} list versions below the floor"
 
@@ -57,10 +59,10 @@ def test_floor_provides_what_the_server_uses():
 
 async def test_a_programming_error_in_the_cache_is_not_swallowed(monkeypatch):
     """An AttributeError raised by the cache's own code (asyncio.timeout missing, as on 3.10) propagates instead of silently meaning 'uncached'."""
+    import redis.asyncio  # noqa: F401  (imported first: on 3.10 redis-py brings its own timeout; only cache.py would miss it)
+
     from featurebank.server.cache import RedisCache
     from featurebank.server.metrics import Metrics
-
-    import redis.asyncio  # noqa: F401  (imported first: on 3.10 redis-py brings its own timeout; only cache.py would miss it)
 
     monkeypatch.delattr(asyncio, "timeout")  # what Python 3.10 looks like to cache.py
     cache = RedisCache("redis://127.0.0.1:9/0", ttl_seconds=60, timeout_s=0.5, metrics=Metrics())

@@ -46,8 +46,12 @@ def test_wrapped_handler_is_built_once_per_method():
         await interceptor.intercept_service(continuation, health)
 
     asyncio.run(main())
-    assert asked == ["/featurebank.v1.FeatureBank/Extract", "/featurebank.v1.FeatureBank/Lookup",
-                     "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Check"]
+    assert asked == [
+        "/featurebank.v1.FeatureBank/Extract",
+        "/featurebank.v1.FeatureBank/Lookup",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Check",
+    ]
 
 
 def test_silent_redis_costs_the_timeout_and_reads_as_misses():
@@ -58,8 +62,9 @@ def test_silent_redis_costs_the_timeout_and_reads_as_misses():
         listener.listen(16)
         port = listener.getsockname()[1]
         metrics = Metrics()
-        cache = RedisCache(f"redis://127.0.0.1:{port}/0", ttl_seconds=60, timeout_s=0.2, metrics=metrics,
-                           retry_interval_s=0.0)
+        cache = RedisCache(
+            f"redis://127.0.0.1:{port}/0", ttl_seconds=60, timeout_s=0.2, metrics=metrics, retry_interval_s=0.0
+        )
 
         async def main():
             start = time.monotonic()

@@ -15,11 +15,24 @@ from featurebank.workers.backbones.base import BackboneInfo, LayerSpec
 
 
 def _servicer(kind: str) -> tuple[FeatureBankServicer, ServedBackbone]:
-    info = BackboneInfo(name="b", fingerprint="f" * 32, input_kind=kind, default_layer="pooled",
-                        layers=(LayerSpec("pooled", (4,)),), input_size=(8, 8, 3), preprocessing="none")
+    info = BackboneInfo(
+        name="b",
+        fingerprint="f" * 32,
+        input_kind=kind,
+        default_layer="pooled",
+        layers=(LayerSpec("pooled", (4,)),),
+        input_size=(8, 8, 3),
+        preprocessing="none",
+    )
     served = ServedBackbone(info=info, batcher=DynamicBatcher(max_batch_size=4, max_batch_delay_ms=1, max_queue_size=8))
-    return FeatureBankServicer({"b": served}, LRUCache(1 << 20, 60), Metrics(), storage_dtype="float32",
-                               max_items_per_request=16, max_tensor_elements=10_000), served
+    return FeatureBankServicer(
+        {"b": served},
+        LRUCache(1 << 20, 60),
+        Metrics(),
+        storage_dtype="float32",
+        max_items_per_request=16,
+        max_tensor_elements=10_000,
+    ), served
 
 
 tensors_st = st.builds(

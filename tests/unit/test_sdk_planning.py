@@ -35,9 +35,12 @@ class Responder:
             self.calls.append(("Lookup", list(call.request.keys)))
             if self.refuse_lookup is not None:
                 raise FeatureBankError(self.refuse_lookup, "refused")
-            results = [self._result(self.cached[k], True) if k in self.cached
-                       else pb.ItemResult(key=k, error=pb.Error(code=grpc.StatusCode.NOT_FOUND.value[0], message="nf"))
-                       for k in call.request.keys]
+            results = [
+                self._result(self.cached[k], True)
+                if k in self.cached
+                else pb.ItemResult(key=k, error=pb.Error(code=grpc.StatusCode.NOT_FOUND.value[0], message="nf"))
+                for k in call.request.keys
+            ]
             return pb.ExtractResponse(results=results, backbone="bb")
         self.calls.append(("Extract", [i.text for i in call.request.inputs]))
         return pb.ExtractResponse(results=[self._result(i.text, False) for i in call.request.inputs], backbone="bb")

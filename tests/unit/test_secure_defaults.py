@@ -39,8 +39,17 @@ def test_beyond_loopback_needs_tokens_or_insecure(host):
     assert ServerConfig(host=host, insecure=True).host == host
 
 
-@pytest.mark.parametrize("field,value", [("max_concurrent_rpcs", 0), ("max_concurrent_streams", 0), ("max_text_bytes", 0),
-                                         ("max_text_bytes", 8 * 1024 * 1024), ("health_port", -2), ("health_port", 65536)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_concurrent_rpcs", 0),
+        ("max_concurrent_streams", 0),
+        ("max_text_bytes", 0),
+        ("max_text_bytes", 8 * 1024 * 1024),
+        ("health_port", -2),
+        ("health_port", 65536),
+    ],
+)
 def test_admission_bounds_are_validated(field, value):
     """Out-of-range admission bounds are refused, naming the parameter."""
     with pytest.raises(ValueError, match=f"invalid {field}="):

@@ -177,8 +177,15 @@ async def test_coalescer_sends_one_call_per_loop_turn_and_survives_a_caller_leav
 class Served:
     def __init__(self, batcher):
         self.batcher = batcher
-        self.info = BackboneInfo(name="b", fingerprint="f" * 32, input_kind="image", default_layer="pooled",
-                                 layers=(LayerSpec("pooled", (4,)),), input_size=(8, 8, 3), preprocessing="none")
+        self.info = BackboneInfo(
+            name="b",
+            fingerprint="f" * 32,
+            input_kind="image",
+            default_layer="pooled",
+            layers=(LayerSpec("pooled", (4,)),),
+            input_size=(8, 8, 3),
+            preprocessing="none",
+        )
 
 
 def _miss_path(max_queue_size: int = 8):

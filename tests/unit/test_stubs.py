@@ -16,8 +16,9 @@ STUB = pathlib.Path("featurebank/v1/featurebank_pb2.py")
 
 
 def run_generate(script: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *args], cwd=script.parent.parent, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=script.parent.parent, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture

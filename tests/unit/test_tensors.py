@@ -150,7 +150,9 @@ def test_max_elements_checked_before_data_length():
         tensors.from_proto(t, max_elements=1_000_000)
 
 
-@pytest.mark.parametrize("shape", [[2**32, 2**32], [2**62, 4], [2**63 - 1, 2]], ids=["wraps-to-0", "wraps-to-0b", "wraps-negative"])
+@pytest.mark.parametrize(
+    "shape", [[2**32, 2**32], [2**62, 4], [2**63 - 1, 2]], ids=["wraps-to-0", "wraps-to-0b", "wraps-negative"]
+)
 def test_overflowing_shape_is_over_max_elements(shape):
     """A shape whose element count overflows int64 raises TensorError (a dimension or the count is over its limit)."""
     t = pb.Tensor(dtype=pb.FLOAT32, shape=shape, data=b"")

@@ -87,10 +87,16 @@ class Backbone(abc.ABC):
 # Names that lived here before the module was split by concept, and where they live now; kept
 # importable from here so code written against the old layout (user backbones) keeps working.
 _MOVED = {
-    "DEFAULT_BATCH_BUCKETS": "buckets", "bucket_for": "buckets", "split_into_buckets": "buckets",
+    "DEFAULT_BATCH_BUCKETS": "buckets",
+    "bucket_for": "buckets",
+    "split_into_buckets": "buckets",
     "run_bucketed": "buckets",
-    "canonical_architecture": "fingerprint", "fingerprint_model": "fingerprint",
-    "decode_image": "images", "resize_image": "images", "pixels_from_tensor": "images", "image_input": "images",
+    "canonical_architecture": "fingerprint",
+    "fingerprint_model": "fingerprint",
+    "decode_image": "images",
+    "resize_image": "images",
+    "pixels_from_tensor": "images",
+    "image_input": "images",
     "ImageBackbone": "keras_base",
 }
 

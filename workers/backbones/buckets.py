@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -40,8 +40,9 @@ def split_into_buckets(n: int, buckets: Sequence[int]) -> list[tuple[int, int]]:
     return pieces
 
 
-def run_bucketed(fn: Callable, batch: list[np.ndarray], item_shape: tuple[int, ...],
-                 buckets: Sequence[int]) -> dict[str, np.ndarray]:
+def run_bucketed(
+    fn: Callable, batch: list[np.ndarray], item_shape: tuple[int, ...], buckets: Sequence[int]
+) -> dict[str, np.ndarray]:
     """Call ``fn`` (a traced forward pass returning {layer: tensor}) on traced batch sizes only,
     zero-padding at most a quarter of each piece, and return the layers for exactly ``batch``."""
     out: dict[str, list[np.ndarray]] = {}

@@ -9,8 +9,8 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -180,9 +180,7 @@ class EfficientNetLite0(ImageBackbone):
     default_layer = "pooled"
     preprocessing = "RGB uint8 -> resize 224x224 bilinear (Pillow, antialiased) -> float32 (x - 127) / 128, NHWC"
 
-    def __init__(
-        self, *, max_image_pixels: int = 50_000_000, batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS
-    ):
+    def __init__(self, *, max_image_pixels: int = 50_000_000, batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS):
         super().__init__(max_image_pixels=max_image_pixels, batch_buckets=batch_buckets)
         self._source_sha256: str | None = None
         self._classifier: tuple[np.ndarray, np.ndarray] | None = None

@@ -6,7 +6,8 @@ import abc
 import contextlib
 import logging
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,9 +73,13 @@ class TracedKerasBackbone(Backbone):
         def counted(*args):
             self._traces += 1  # a Python side effect: runs once per trace, never per call
             if not self._planning:
-                logger.warning("%s: unplanned trace #%d of the forward pass for input shapes %s "
-                               "(not covered by the warm-up; each new shape costs a trace)",
-                               self.name, self._traces, [tuple(a.shape) for a in args])
+                logger.warning(
+                    "%s: unplanned trace #%d of the forward pass for input shapes %s "
+                    "(not covered by the warm-up; each new shape costs a trace)",
+                    self.name,
+                    self._traces,
+                    [tuple(a.shape) for a in args],
+                )
             return forward(*args)
 
         self._fn = tf.function(counted, reduce_retracing=False, jit_compile=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -40,8 +40,14 @@ class KerasFileBackbone(TracedKerasBackbone):
     tensor must have the model's per-item shape.
     """
 
-    def __init__(self, *, path: str, layers: Sequence[str] = (), max_image_pixels: int = 40_000_000,
-                 batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS):
+    def __init__(
+        self,
+        *,
+        path: str,
+        layers: Sequence[str] = (),
+        max_image_pixels: int = 40_000_000,
+        batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
+    ):
         if not os.path.exists(path):
             raise FileNotFoundError(f"model {path!r} does not exist")
         super().__init__()
@@ -65,7 +71,8 @@ class KerasFileBackbone(TracedKerasBackbone):
             out = layer(inp)
             outputs = {k: keras.layers.Lambda(_pool, name=f"pool_{k}")(v) for k, v in sorted(out.items())}
             return keras.Model(inp, outputs), "savedmodel:" + hashlib.sha256(
-                open(os.path.join(self.path, "saved_model.pb"), "rb").read()).hexdigest()
+                open(os.path.join(self.path, "saved_model.pb"), "rb").read()
+            ).hexdigest()
         base = keras.saving.load_model(self.path, compile=False)
         outputs = {"output": keras.layers.Lambda(_pool, name="pool_output")(base.output)}
         for name in self.layer_names:
@@ -81,27 +88,38 @@ class KerasFileBackbone(TracedKerasBackbone):
         self.item_shape = tuple(int(d) for d in model.input.shape[1:])
         image = len(self.item_shape) == 3 and self.item_shape[2] == 3
         self.input_kind = "image" if image else "tensor"
-        self.preprocessing = (f"RGB uint8 -> resize {self.item_shape[0]}x{self.item_shape[1]} bilinear (Pillow) -> "
-                              "float32 pixels [0, 255] -> the model's own layers" if image
-                              else "float32 tensor as sent -> the model's own layers")
+        self.preprocessing = (
+            f"RGB uint8 -> resize {self.item_shape[0]}x{self.item_shape[1]} bilinear (Pillow) -> "
+            "float32 pixels [0, 255] -> the model's own layers"
+            if image
+            else "float32 tensor as sent -> the model's own layers"
+        )
 
         self.trace(lambda x: model(x, training=False))
         probe = model(np.zeros((1, *self.item_shape), np.float32), training=False)
         layers = layer_specs(probe)
         self._info = BackboneInfo(
-            name=self.name, fingerprint=fingerprint_model(self.name, architecture, model.get_weights(), self.preprocessing),
-            input_kind=self.input_kind, default_layer="output" if "output" in probe else layers[0].name,
-            layers=layers, input_size=self.item_shape, preprocessing=self.preprocessing,
+            name=self.name,
+            fingerprint=fingerprint_model(self.name, architecture, model.get_weights(), self.preprocessing),
+            input_kind=self.input_kind,
+            default_layer="output" if "output" in probe else layers[0].name,
+            layers=layers,
+            input_size=self.item_shape,
+            preprocessing=self.preprocessing,
         )
 
     def preprocess(self, item: InputItem) -> np.ndarray:
         if self.input_kind == "image":
             return image_input(item, self.name, self.max_image_pixels, self.item_shape[:2]).astype(np.float32)
         if item.kind != "tensor":
-            raise InvalidInputError(f"backbone {self.name!r} takes tensors of shape {list(self.item_shape)}, not {item.kind}")
+            raise InvalidInputError(
+                f"backbone {self.name!r} takes tensors of shape {list(self.item_shape)}, not {item.kind}"
+            )
         a = np.asarray(item.payload)
         if a.shape != self.item_shape:
-            raise InvalidInputError(f"tensor shape {list(a.shape)} does not match the model's input {list(self.item_shape)}")
+            raise InvalidInputError(
+                f"tensor shape {list(a.shape)} does not match the model's input {list(self.item_shape)}"
+            )
         a = a.astype(np.float32)
         if not np.all(np.isfinite(a)):
             raise InvalidInputError("tensor contains NaN or Inf")

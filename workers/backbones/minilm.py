@@ -7,8 +7,9 @@ import importlib.resources
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 

@@ -13,7 +13,11 @@ BUILTIN: dict[str, tuple[str, str, dict[str, Any]]] = {
     "minilm": ("featurebank.workers.backbones.minilm", "MiniLM", {}),
     "toy": ("featurebank.workers.backbones.toy", "ToyBackbone", {}),
     "mobilenet_v2": ("featurebank.workers.backbones.keras_apps", "KerasApplication", {"application": "MobileNetV2"}),
-    "efficientnet_b0": ("featurebank.workers.backbones.keras_apps", "KerasApplication", {"application": "EfficientNetB0"}),
+    "efficientnet_b0": (
+        "featurebank.workers.backbones.keras_apps",
+        "KerasApplication",
+        {"application": "EfficientNetB0"},
+    ),
     "resnet50": ("featurebank.workers.backbones.keras_apps", "KerasApplication", {"application": "ResNet50"}),
 }
 

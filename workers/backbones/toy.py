@@ -27,7 +27,9 @@ class ToyBackbone(ImageBackbone):
         init = lambda k: keras.initializers.GlorotUniform(seed=self.seed + k)  # noqa: E731
         x_in = keras.Input((32, 32, 3), name="pixels")
         x = keras.layers.Rescaling(1.0 / 255.0)(x_in)
-        c1 = keras.layers.Conv2D(8, 3, activation="relu", kernel_initializer=init(1), bias_initializer="zeros", name="conv1")(x)
+        c1 = keras.layers.Conv2D(
+            8, 3, activation="relu", kernel_initializer=init(1), bias_initializer="zeros", name="conv1"
+        )(x)
         c2 = keras.layers.Conv2D(16, 3, strides=2, activation="relu", kernel_initializer=init(2), name="conv2")(c1)
         outputs = {
             "conv": keras.layers.GlobalAveragePooling2D(name="conv_pool")(c1),
