@@ -14,7 +14,7 @@ outside the container for the comparison, and the bundled Redis-protocol server)
    escalation, the memory limit, and a writable volume only where the pod mounts one;
 3. wait for gRPC health SERVING (both the startup probe's and the readiness probe's service);
 4. extract features for images and texts with the SDK and the tenant's token, twice (the second
-   call must be all cache hits), and scrape /metrics;
+   call must be all cache hits), scrape /metrics, and check that only the pod's volumes are writable;
 5. run the preStop hook, send SIGTERM, and check the drain: the log line, exit code 0, within
    terminationGracePeriodSeconds;
 6. start a featurebank server outside the container, from this checkout, with the same settings,
@@ -56,9 +56,10 @@ TEXTS = ("a cat sleeping on a sofa", "the rocket lifts off at dawn", "freshly gr
 REDIS_SECRET = "featurebank-redis"
 # Where the tenants file is mounted when the manifests do not mount one themselves.
 DEFAULT_TOKENS_FILE = "/var/run/secrets/featurebank/tokens.json"
-# podman asks the runtime for 1048576 open files and 4194304 processes; a host whose hard limits
-# are lower (a sandbox) refuses to start the container ("error setting rlimit"). Above 32768
-# processes runc was refused on such a host even below its hard limit.
+# podman asks the runtime for these limits; a host whose hard limits are lower (a sandboxed VM)
+# refuses to start the container ("error setting rlimit"). There, runc was refused even some
+# process limits below the hard limit (65536 of 96363), but not 32768.
+PODMAN_DEFAULT_LIMITS = {"nofile": 1048576, "nproc": 4194304}
 PODMAN_MAX_NPROC = 32768
 
 
@@ -95,15 +96,16 @@ def is_podman(engine: list[str]) -> bool:
 
 
 def limit_args(engine: list[str]) -> list[str]:
-    """--ulimit flags within this host's hard limits (podman's defaults exceed a sandbox's)."""
+    """--ulimit flags within this host's hard limits, where podman's defaults exceed them (a sandbox)."""
     if not is_podman(engine):
         return []
     args = []
-    for name, limit, cap in (("nofile", resource.RLIMIT_NOFILE, None), ("nproc", resource.RLIMIT_NPROC, PODMAN_MAX_NPROC)):
+    for name, limit in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
         hard = resource.getrlimit(limit)[1]
-        value = cap if hard == resource.RLIM_INFINITY else min(hard, cap or hard)
-        if value is not None:
-            args += ["--ulimit", f"{name}={value}:{value}"]
+        if hard == resource.RLIM_INFINITY or hard >= PODMAN_DEFAULT_LIMITS[name]:
+            continue
+        value = min(hard, PODMAN_MAX_NPROC) if name == "nproc" else hard
+        args += ["--ulimit", f"{name}={value}:{value}"]
     return args
 
 
@@ -433,6 +435,19 @@ class Smoke:
         if hits < len(IMAGES) + len(TEXTS) or ready < 2:
             raise SmokeError(f"/metrics: expected >= {len(IMAGES) + len(TEXTS)} hits and 2 ready workers, saw {totals}")
 
+    def check_writable_paths(self, spec: PodSpec) -> None:
+        """As the pod's user, only the pod's volumes are writable: not /, $HOME, the venv, /var/tmp or /run."""
+        writable = sorted(m["mountPath"] for v, m in spec.volumes() if "emptyDir" in v)
+        seen = {}
+        for path in ("/", "/home/featurebank", "/opt/featurebank/weights", "/var/tmp", "/run", *writable):
+            probe = f"{path.rstrip('/')}/.smoke-write-probe"
+            out = run([*self.engine, "exec", self.name, "sh", "-c", f"touch {probe} && rm {probe}"], check=False)
+            seen[path] = out.returncode == 0
+        log.info("writable as the pod's user: %s", ", ".join(f"{p} {'yes' if w else 'no'}" for p, w in seen.items()))
+        wrong = [p for p, w in seen.items() if w != (p in writable)]
+        if wrong:
+            raise SmokeError(f"writability differs from the pod spec's (only {writable} writable) at {wrong}")
+
     def drain(self, spec: PodSpec) -> None:
         pre_stop = spec.container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
         if pre_stop:
@@ -569,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("SDK with the tenant's token: %d images, %d texts; second call all cache hits",
                      len(IMAGES), len(TEXTS))
             smoke.check_metrics()
+            smoke.check_writable_paths(spec)
             smoke.drain(spec)
             smoke.remove()
             host = smoke.host_server(spec)
