@@ -26,8 +26,11 @@ def render_overlay(overlay: str) -> list[dict]:
             return list(yaml.safe_load_all(rendered))
     base = REPO / "deploy" / "k8s" / "base"
     deployment = yaml.safe_load((base / "deployment.yaml").read_text())
-    data = dict(line.split("=", 1) for line in (base / "featurebank.env").read_text().splitlines()
-                if line.strip() and not line.startswith("#"))
+    data = dict(
+        line.split("=", 1)
+        for line in (base / "featurebank.env").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
     kustomization = yaml.safe_load((path / "kustomization.yaml").read_text())
     for generator in kustomization.get("configMapGenerator", []):
         data.update(literal.split("=", 1) for literal in generator.get("literals", []))
@@ -38,10 +41,14 @@ class PodSpec:
     """The server container of the rendered Deployment, turned into `ENGINE run` arguments."""
 
     def __init__(self, objects: list[dict]):
-        deployment = next(o for o in objects if o and o.get("kind") == "Deployment" and o["metadata"]["name"] == "featurebank")
+        deployment = next(
+            o for o in objects if o and o.get("kind") == "Deployment" and o["metadata"]["name"] == "featurebank"
+        )
         self.pod = deployment["spec"]["template"]["spec"]
         self.container = next(c for c in self.pod["containers"] if c["name"] == "featurebank")
-        self.configmaps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o and o.get("kind") == "ConfigMap"}
+        self.configmaps = {
+            o["metadata"]["name"]: o.get("data", {}) for o in objects if o and o.get("kind") == "ConfigMap"
+        }
         self.grace_s = float(self.pod.get("terminationGracePeriodSeconds", 30))
 
     def port(self, name: str) -> int:
@@ -66,7 +73,9 @@ class PodSpec:
                 ref = e["valueFrom"]["secretKeyRef"]
                 values = self._secret(secret_values, ref["name"])
                 if ref["key"] not in values:
-                    raise PodSpecError(f"the pod reads key {ref['key']!r} of Secret {ref['name']!r}, which smoke.py does not fill")
+                    raise PodSpecError(
+                        f"the pod reads key {ref['key']!r} of Secret {ref['name']!r}, which smoke.py does not fill"
+                    )
                 env[e["name"]] = values[ref["key"]]
             elif "configMapKeyRef" in e.get("valueFrom", {}):
                 ref = e["valueFrom"]["configMapKeyRef"]
@@ -76,7 +85,9 @@ class PodSpec:
     @staticmethod
     def _secret(secret_values: dict[str, dict[str, str]], name: str) -> dict[str, str]:
         if name not in secret_values:
-            raise PodSpecError(f"the pod needs Secret {name!r}, which smoke.py does not create: add it to secret_values()")
+            raise PodSpecError(
+                f"the pod needs Secret {name!r}, which smoke.py does not create: add it to secret_values()"
+            )
         return secret_values[name]
 
     def volumes(self) -> list[tuple[dict, dict]]:

@@ -115,21 +115,33 @@ def limit_args(engine: list[str]) -> list[str]:
 def run(command: list[str], timeout_s: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     if check and result.returncode != 0:
-        raise SmokeError(f"{shlex.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        raise SmokeError(
+            f"{shlex.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
     return result
 
 
 def build(engine: list[str], flavour: str, tag: str, base_image: str | None) -> float:
     """Build deploy/docker/Dockerfile.<flavour> from the repository root; returns the seconds it took."""
-    command = [*engine, "build", "-f", f"deploy/docker/Dockerfile.{flavour}", "-t", tag, "--network", "host",
-               *limit_args(engine)]
+    command = [
+        *engine,
+        "build",
+        "-f",
+        f"deploy/docker/Dockerfile.{flavour}",
+        "-t",
+        tag,
+        "--network",
+        "host",
+        *limit_args(engine),
+    ]
     if base_image:
         command += ["--build-arg", f"BASE_IMAGE={base_image}"]
     log.info("building %s: %s", tag, shlex.join(command))
     start = time.monotonic()
     with tempfile.TemporaryFile("w+") as out:
-        code = subprocess.run([*command, str(REPO)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=3600).returncode
+        code = subprocess.run(
+            [*command, str(REPO)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=3600
+        ).returncode
         out.seek(0)
         text = out.read()
     if code != 0:
@@ -294,12 +306,27 @@ class Smoke:
         self.cache_dtype = env.get("FEATUREBANK_CACHE_DTYPE", "float32")
         volumes = self.volume_args(spec, env)
         network, self.ports = self.network_args(spec)
-        read_only_extra = ["--read-only-tmpfs=false"] if is_podman(self.engine) else []  # podman adds /tmp, /run otherwise
+        read_only_extra = (
+            ["--read-only-tmpfs=false"] if is_podman(self.engine) else []
+        )  # podman adds /tmp, /run otherwise
         env_file = self.workdir / "env"
         env_file.write_text("".join(f"{k}={v}\n" for k, v in sorted(env.items())))
         env_file.chmod(0o600)
-        command = [*self.engine, "run", "-d", "--name", self.name, *limit_args(self.engine), *spec.security_args(),
-                   *read_only_extra, *network, *volumes, "--env-file", str(env_file), tag]
+        command = [
+            *self.engine,
+            "run",
+            "-d",
+            "--name",
+            self.name,
+            *limit_args(self.engine),
+            *spec.security_args(),
+            *read_only_extra,
+            *network,
+            *volumes,
+            "--env-file",
+            str(env_file),
+            tag,
+        ]
         shown = {k: ("<secret>" if k == "FEATUREBANK_REDIS_URL" else v) for k, v in sorted(env.items())}
         log.info("env: %s", " ".join(f"{k}={v}" for k, v in shown.items()))
         log.info("running: %s", shlex.join(command))
@@ -318,8 +345,10 @@ class Smoke:
                 return seconds
             state = run([*self.engine, "inspect", "--format", "{{.State.Status}}", self.name]).stdout.strip()
             if state != "running" or time.monotonic() > deadline:
-                raise SmokeError(f"not SERVING (container {state}, health {status}) after "
-                                 f"{time.monotonic() - self.started:.0f} s:\n{self.logs()[-6000:]}")
+                raise SmokeError(
+                    f"not SERVING (container {state}, health {status}) after "
+                    f"{time.monotonic() - self.started:.0f} s:\n{self.logs()[-6000:]}"
+                )
             time.sleep(1)
 
     def logs(self) -> str:
@@ -330,9 +359,14 @@ class Smoke:
         totals = scrape(f"http://127.0.0.1:{self.ports['metrics']}/metrics")
         hits = totals.get("featurebank_items_total{result=hit}", 0.0)
         ready = totals.get("featurebank_workers_ready", 0.0)
-        log.info("/metrics: featurebank_items_total hit=%d miss=%d, featurebank_workers_ready=%d, "
-                 "featurebank_requests_total=%d", hits, totals.get("featurebank_items_total{result=miss}", 0.0), ready,
-                 totals.get("featurebank_requests_total", 0.0))
+        log.info(
+            "/metrics: featurebank_items_total hit=%d miss=%d, featurebank_workers_ready=%d, "
+            "featurebank_requests_total=%d",
+            hits,
+            totals.get("featurebank_items_total{result=miss}", 0.0),
+            ready,
+            totals.get("featurebank_requests_total", 0.0),
+        )
         if hits < len(IMAGES) + len(TEXTS) or ready < 2:
             raise SmokeError(f"/metrics: expected >= {len(IMAGES) + len(TEXTS)} hits and 2 ready workers, saw {totals}")
 
@@ -379,8 +413,10 @@ class Smoke:
         """The same settings served outside the container, from this checkout; its features."""
         from tests.support import ServerProcess
 
-        env = {**spec.env({REDIS_SECRET: {"url": self.redis_url("127.0.0.1", 1), "password": self.redis_password}}),
-               **self.overrides}
+        env = {
+            **spec.env({REDIS_SECRET: {"url": self.redis_url("127.0.0.1", 1), "password": self.redis_password}}),
+            **self.overrides,
+        }
         tokens = self.workdir / "host-tokens.json"
         tokens.write_text(tenants_json(self.token, self.tenant_secret))
         env.update(FEATUREBANK_TOKENS_FILE=str(tokens))
@@ -403,9 +439,13 @@ class Smoke:
 
 def versions(engine: list[str], tag: str) -> dict[str, str]:
     """TensorFlow, Keras, numpy and Python in the image (no TensorFlow import: metadata only)."""
-    script = ("import importlib.metadata as m, json, platform; print(json.dumps({**{p: m.version(p) for p in "
-              "('tensorflow', 'keras', 'numpy', 'keras-hub', 'tokenizers', 'pillow')}, 'python': platform.python_version()}))")
-    out = run([*engine, "run", "--rm", *limit_args(engine), "--network", "none", "--entrypoint", "python", tag, "-c", script])
+    script = (
+        "import importlib.metadata as m, json, platform; print(json.dumps({**{p: m.version(p) for p in "
+        "('tensorflow', 'keras', 'numpy', 'keras-hub', 'tokenizers', 'pillow')}, 'python': platform.python_version()}))"
+    )
+    out = run(
+        [*engine, "run", "--rm", *limit_args(engine), "--network", "none", "--entrypoint", "python", tag, "-c", script]
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -413,8 +453,10 @@ def host_versions() -> dict[str, str]:
     import importlib.metadata as m
     import platform
 
-    return {**{p: m.version(p) for p in ("tensorflow", "keras", "numpy", "keras-hub", "tokenizers", "pillow")},
-            "python": platform.python_version()}
+    return {
+        **{p: m.version(p) for p in ("tensorflow", "keras", "numpy", "keras-hub", "tokenizers", "pillow")},
+        "python": platform.python_version(),
+    }
 
 
 def compare(container: dict, host: dict, cache_dtype: str) -> None:
@@ -426,31 +468,72 @@ def compare(container: dict, host: dict, cache_dtype: str) -> None:
     differences = []
     for key in sorted(k for k in container if isinstance(k, tuple)):
         a, b = container[key], host[key]
-        same = a.dtype == b.dtype == np.float32 and a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
-        diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.shape == b.shape else float("inf")
-        log.info("%s call, %s: %s %s, bit-for-bit %s (max abs diff %.3g)", key[0], key[1], a.shape, a.dtype,
-                 "EQUAL" if same else "DIFFERENT", diff)
+        same = (
+            a.dtype == b.dtype == np.float32
+            and a.shape == b.shape
+            and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+        )
+        diff = (
+            float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.shape == b.shape else float("inf")
+        )
+        log.info(
+            "%s call, %s: %s %s, bit-for-bit %s (max abs diff %.3g)",
+            key[0],
+            key[1],
+            a.shape,
+            a.dtype,
+            "EQUAL" if same else "DIFFERENT",
+            diff,
+        )
         if not same:
             differences.append(f"{key}: max abs diff {diff:.3g}")
     for backbone in ("efficientnet_lite0", "minilm"):
         first, second = container[("first", backbone)], container[("second", backbone)]
-        log.info("%s: miss vs hit in the container: max abs diff %.3g (the cache stores %s)", backbone,
-                 float(np.max(np.abs(first - second))), cache_dtype)
+        log.info(
+            "%s: miss vs hit in the container: max abs diff %.3g (the cache stores %s)",
+            backbone,
+            float(np.max(np.abs(first - second))),
+            cache_dtype,
+        )
     if cache_dtype != "float32":
-        log.info("note: with FEATUREBANK_CACHE_DTYPE=%s every feature is rounded to %s before it is returned (misses "
-                 "too), so equality here is at that resolution; --cache-dtype float32 compares the computed values",
-                 cache_dtype, cache_dtype)
+        log.info(
+            "note: with FEATUREBANK_CACHE_DTYPE=%s every feature is rounded to %s before it is returned (misses "
+            "too), so equality here is at that resolution; --cache-dtype float32 compares the computed values",
+            cache_dtype,
+            cache_dtype,
+        )
     if differences:
         raise SmokeError("container and host features differ: " + "; ".join(differences))
 
 
 def gpu_check(engine: list[str], tag: str) -> None:
     """The GPU image's TensorFlow, on a machine without a GPU, imports and says it sees none."""
-    script = ("import tensorflow as tf; gpus = tf.config.list_physical_devices('GPU'); "
-              "print(f'TensorFlow {tf.__version__}, built with CUDA: {tf.test.is_built_with_cuda()}, GPUs visible: {len(gpus)}')")
-    out = run([*engine, "run", "--rm", *limit_args(engine), "--network", "none", "--user", "10001:10001", "--read-only",
-               *(["--read-only-tmpfs=false"] if is_podman(engine) else []), "--tmpfs", "/tmp:rw,mode=1777",
-               "--entrypoint", "python", tag, "-c", script], timeout_s=300)
+    script = (
+        "import tensorflow as tf; gpus = tf.config.list_physical_devices('GPU'); "
+        "print(f'TensorFlow {tf.__version__}, built with CUDA: {tf.test.is_built_with_cuda()}, GPUs visible: {len(gpus)}')"
+    )
+    out = run(
+        [
+            *engine,
+            "run",
+            "--rm",
+            *limit_args(engine),
+            "--network",
+            "none",
+            "--user",
+            "10001:10001",
+            "--read-only",
+            *(["--read-only-tmpfs=false"] if is_podman(engine) else []),
+            "--tmpfs",
+            "/tmp:rw,mode=1777",
+            "--entrypoint",
+            "python",
+            tag,
+            "-c",
+            script,
+        ],
+        timeout_s=300,
+    )
     log.info("GPU image on this CPU-only machine: %s", out.stdout.strip().splitlines()[-1])
     noise = [line for line in out.stderr.splitlines() if line.strip()]
     if noise:
@@ -459,14 +542,22 @@ def gpu_check(engine: list[str], tag: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base-image", default=os.environ.get("SMOKE_BASE_IMAGE", ""),
-                        help="BASE_IMAGE build argument (default: the Dockerfiles' own, python:3.11-slim-bookworm)")
-    parser.add_argument("--gpu", action="store_true", help="also build Dockerfile.gpu and check its TensorFlow on this CPU")
+    parser.add_argument(
+        "--base-image",
+        default=os.environ.get("SMOKE_BASE_IMAGE", ""),
+        help="BASE_IMAGE build argument (default: the Dockerfiles' own, python:3.11-slim-bookworm)",
+    )
+    parser.add_argument(
+        "--gpu", action="store_true", help="also build Dockerfile.gpu and check its TensorFlow on this CPU"
+    )
     parser.add_argument("--no-build", action="store_true", help=f"use the {CPU_TAG} image already built")
-    parser.add_argument("--cache-dtype", choices=("float32", "float16"),
-                        help="override the ConfigMap's FEATUREBANK_CACHE_DTYPE (float16: features come back "
-                             "float16-rounded, so the comparison is only as fine as that; float32 compares the "
-                             "computed values themselves)")
+    parser.add_argument(
+        "--cache-dtype",
+        choices=("float32", "float16"),
+        help="override the ConfigMap's FEATUREBANK_CACHE_DTYPE (float16: features come back "
+        "float16-rounded, so the comparison is only as fine as that; float32 compares the "
+        "computed values themselves)",
+    )
     parser.add_argument("--startup-timeout-s", type=float, default=900.0, help="the startup probe's budget (90 x 10 s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s smoke: %(message)s", stream=sys.stdout)
@@ -492,8 +583,9 @@ def main(argv: list[str] | None = None) -> int:
             smoke.run_container(spec, CPU_TAG)
             timings["run to SERVING"] = f"{smoke.wait_serving(spec, args.startup_timeout_s):.1f} s"
             container = extract_twice(f"127.0.0.1:{smoke.ports['grpc']}", smoke.token)
-            log.info("SDK with the tenant's token: %d images, %d texts; second call all cache hits",
-                     len(IMAGES), len(TEXTS))
+            log.info(
+                "SDK with the tenant's token: %d images, %d texts; second call all cache hits", len(IMAGES), len(TEXTS)
+            )
             smoke.check_metrics()
             smoke.check_writable_paths(spec)
             smoke.drain(spec)
