@@ -218,7 +218,7 @@ class FeatureBankServer:
             stream_window=c.stream_window,
             heads=self.heads,
             claim_ttl_ms=c.claim_ttl_ms,
-            head_limits=HeadLimits(c.max_head_parameters, c.max_head_width),
+            head_limits=HeadLimits(c.head_parameters_limit, c.max_head_width),
             heads_cache_bytes=c.heads_cache_bytes,
             shared_cache_backbones=[b for b in c.shared_cache_backbones.split(",") if b],
         )

@@ -94,8 +94,7 @@ def test_invalid_value_names_the_parameter(field, value):
 )
 def test_boundary_values_are_valid(field, value):
     """The documented range ends are accepted."""
-    others = {"max_head_parameters": 1000} if field == "max_message_bytes" else {}  # a head must fit a request
-    assert getattr(ServerConfig(**{field: value}, **others), field) == value
+    assert getattr(ServerConfig(**{field: value}), field) == value
 
 
 def test_zero_workers_needs_gpus():
@@ -232,10 +231,11 @@ def test_flag_types_follow_field_types():
         parse(["--max-batch-size", "lots"])
 
 
-def test_max_head_parameters_must_fit_one_request():
-    """A head allowed by --max-head-parameters is receivable in one PutHead under --max-message-bytes
-    (a 2.2 M-parameter head used to pass the head check and fail with gRPC's bare "larger than max")."""
-    ServerConfig()  # the defaults agree
-    with pytest.raises(ValueError, match=r"invalid max_head_parameters=2000000.*raise --max-message-bytes"):
-        ServerConfig(max_head_parameters=2_000_000)
-    ServerConfig(max_head_parameters=2_000_000, max_message_bytes=16 * 1024 * 1024)
+def test_head_parameters_limit_fits_one_request():
+    """The head-size limit PutHead applies never exceeds what one request under --max-message-bytes
+    carries (a 2.2 M-parameter head used to pass the head check and fail with gRPC's bare "larger than max")."""
+    assert ServerConfig().head_parameters_limit == 1_000_000  # the defaults agree
+    assert ServerConfig(max_head_parameters=2_000_000).head_parameters_limit == (4 * 1024 * 1024 - 65536) // 4
+    assert ServerConfig(max_message_bytes=1 << 20).head_parameters_limit == ((1 << 20) - 65536) // 4
+    big = ServerConfig(max_head_parameters=2_000_000, max_message_bytes=16 * 1024 * 1024)
+    assert big.head_parameters_limit == 2_000_000
