@@ -28,7 +28,8 @@ def peak_rss_mb(pid: int) -> float:
 def test_malicious_images_fail_alone_and_worker_memory_stays_flat(start_server):
     """An .ico PNG bomb and a TIFF get INVALID_ARGUMENT naming the format, a 3,000-frame GIF gives its first
     frame's features, their neighbours get features, and the worker's peak memory barely moves."""
-    server = start_server("--backbone", "toy")
+    # The 3,000-frame GIF is ~8 MB: the server must receive it to prove it decodes one frame only.
+    server = start_server("--backbone", "toy", "--max-message-bytes", str(64 << 20))
     good = random_images(2, seed=70)
     gif, first_frame = animated_gif(3000)
     (worker,) = server.worker_pids()
