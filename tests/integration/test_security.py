@@ -184,7 +184,7 @@ def test_probes_work_on_the_health_port_when_grpc_is_tls(pki):
         health_port = json.loads(open(s.port_file).read())["health_port"]
         assert health_port not in (0, s.port)
         probe = ServerProcess()
-        probe.port = health_port  # support's health check speaks plaintext, as the kubelet's does
+        probe.ports = {"port": health_port}  # support's health check speaks plaintext, as the kubelet's does
         wait_until(lambda: probe.health() == "SERVING", 180, "SERVING on the plaintext health port")
         assert probe.health("featurebank.v1.FeatureBank") == "SERVING"
         assert s.health() == "UNAVAILABLE", "the gRPC port itself speaks only TLS"
