@@ -109,6 +109,8 @@ class Coalescer(_Base):
                     batch.full.set()
                 leader = False
             else:
+                if batch is not None:
+                    batch.full.set()  # no room for this caller: send it now, this caller opens the next
                 # Linger only if another call is in flight to merge with; alone, send at once.
                 linger = self.linger_s if self._in_flight > 1 else 0.0
                 batch = _Batch(key, time.monotonic(), full=threading.Event(), done=threading.Event())
@@ -162,6 +164,8 @@ class AsyncCoalescer(_Base):
                 if not self._fits(batch, 1):
                     batch.full.set()
             else:
+                if batch is not None:
+                    batch.full.set()  # no room for this caller: send it now, this caller opens the next
                 if self._in_flight == 1:  # nothing to merge with: no linger, no extra task
                     return await dispatch(msgs, timeout_s)
                 batch = _Batch(key, time.monotonic(), full=asyncio.Event())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -135,3 +136,36 @@ def test_negative_linger_is_refused():
     """A negative linger is a configuration error naming the setting."""
     with pytest.raises(ValueError, match="linger"):
         Coalescer(linger_s=-0.001, max_items=4)
+
+
+def test_a_caller_that_does_not_fit_sends_the_open_batch_and_opens_the_next():
+    """A call too big for the open batch's room sends that batch at once and starts the next one."""
+    c = Coalescer(linger_s=600, max_items=3)
+    first = InFlight(c)
+    seen: list[list[str]] = []
+    lock = threading.Lock()
+
+    def record(batch, timeout_s):
+        with lock:
+            seen.append([m.text for m in batch])
+        return answer(batch, timeout_s)
+
+    def start(*texts):
+        opened = c._open.get("k")
+        t = threading.Thread(target=c.run, args=("k", msgs(*texts), 10.0, record))
+        t.start()
+        deadline_s = time.monotonic() + 30
+        while c._open.get("k") is opened and t.is_alive() and time.monotonic() < deadline_s:
+            time.sleep(0.005)  # until this caller has opened its batch
+        return t
+
+    a = start("a0", "a1")
+    b = start("b0", "b1")  # no room beside a's two: a's batch goes now
+    a.join(30)
+    assert not a.is_alive() and seen == [["a0", "a1"]]
+    c_ = threading.Thread(target=c.run, args=("k", msgs("c0"), 10.0, record))
+    c_.start()  # fills b's batch, which then goes
+    for t in (b, c_):
+        t.join(30)
+    first.finish()
+    assert seen == [["a0", "a1"], ["b0", "b1", "c0"]]
