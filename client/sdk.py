@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from featurebank.client import planning
+from featurebank.client.coalesce import DEFAULT_LINGER_MS, AsyncCoalescer, Coalescer
 from featurebank.client.errors import FeatureBankError
 from featurebank.client.inputs import to_input
 from featurebank.client.planning import LOOKUP_CHUNK, Call, Limits, drive, drive_async  # noqa: F401 (re-exported)
@@ -88,12 +89,18 @@ class FeatureBank:
         token: bearer token of your tenant (default: env FEATUREBANK_TOKEN).
         tls_ca_file, tls_cert_file, tls_key_file: TLS to the server (CA to trust; client
             certificate and key for mutual TLS). ``tls=True`` uses the system's CAs.
+        coalesce_linger_ms: concurrent ``extract``/``extract_items`` calls of this client (from
+            several threads) with the same options are merged into one keys-first Lookup/Extract;
+            a batch waits up to this long for company, and only while another call is in flight
+            (a lone caller never waits). 0 turns coalescing off. See client/coalesce.py.
     """
 
     def __init__(self, target: str, *, timeout_s: float = 300.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST, channel: grpc.Channel | None = None,
                  token: str | None = None, tls: bool = False, tls_ca_file: str | None = None,
-                 tls_cert_file: str | None = None, tls_key_file: str | None = None):
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None,
+                 coalesce_linger_ms: float = DEFAULT_LINGER_MS):
+        self._coalescer = Coalescer(coalesce_linger_ms / 1000, max_items_per_request) if coalesce_linger_ms else None
         self.target = target
         self.timeout_s = timeout_s
         self.max_request_bytes = max_request_bytes
@@ -116,10 +123,11 @@ class FeatureBank:
     def _limits(self) -> Limits:
         return Limits(self.max_items_per_request, self.max_request_bytes)
 
-    def _send(self, call: Call):
+    def _send(self, call: Call, timeout_s: float | None = None):
         """Make one unary RPC of a plan (see planning.py)."""
         try:
-            return getattr(self._stub, call.method)(call.request, timeout=self.timeout_s, metadata=self._metadata)
+            return getattr(self._stub, call.method)(call.request, timeout=self.timeout_s if timeout_s is None else timeout_s,
+                                                    metadata=self._metadata)
         except grpc.RpcError as e:
             raise FeatureBankError.from_rpc_error(e) from None
 
@@ -145,8 +153,16 @@ class FeatureBank:
         Raises:
             FeatureBankError: the request as a whole failed (unknown backbone or layer, overload, ...).
         """
-        return drive(planning.extract(inputs, self._limits, backbone=backbone, layer=layer, output_dtype=output_dtype,
-                                      cache_policy=cache_policy, lookup_first=lookup_first), self._send)
+        options = dict(backbone=backbone, layer=layer, output_dtype=output_dtype, cache_policy=cache_policy,
+                       lookup_first=lookup_first)
+        if self._coalescer is None:
+            return drive(planning.extract(inputs, self._limits, **options), self._send)
+
+        def dispatch(msgs, timeout_s):
+            return drive(planning.extract(msgs, self._limits, **options), lambda call: self._send(call, timeout_s))
+
+        return self._coalescer.run((*options.values(), self.timeout_s, self._metadata),
+                                   [to_input(x) for x in inputs], self.timeout_s, dispatch)
 
     def extract(self, inputs: Iterable, **kwargs) -> np.ndarray:
         """Features of every input as one (N, *shape) array.
@@ -401,12 +417,15 @@ def _head_proto(head, name: str, version: int) -> pb.Head:
 
 
 class AsyncFeatureBank:
-    """The asyncio twin of FeatureBank (same methods, awaitable)."""
+    """The asyncio twin of FeatureBank (same methods, awaitable); ``coalesce_linger_ms`` merges
+    concurrent tasks' calls as FeatureBank's merges threads'."""
 
     def __init__(self, target: str, *, timeout_s: float = 300.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST, token: str | None = None,
                  tls: bool = False, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
-                 tls_key_file: str | None = None):
+                 tls_key_file: str | None = None, coalesce_linger_ms: float = DEFAULT_LINGER_MS):
+        self._coalescer = (AsyncCoalescer(coalesce_linger_ms / 1000, max_items_per_request) if coalesce_linger_ms
+                           else None)
         self.target = target
         self.timeout_s = timeout_s
         self.max_request_bytes = max_request_bytes
@@ -429,10 +448,12 @@ class AsyncFeatureBank:
     def _limits(self) -> Limits:
         return Limits(self.max_items_per_request, self.max_request_bytes)
 
-    async def _send(self, call: Call):
+    async def _send(self, call: Call, timeout_s: float | None = None):
         """Make one unary RPC of a plan (see planning.py)."""
         try:
-            return await getattr(self._stub, call.method)(call.request, timeout=self.timeout_s, metadata=self._metadata)
+            return await getattr(self._stub, call.method)(call.request,
+                                                          timeout=self.timeout_s if timeout_s is None else timeout_s,
+                                                          metadata=self._metadata)
         except grpc.RpcError as e:
             raise FeatureBankError.from_rpc_error(e) from None
 
@@ -440,9 +461,17 @@ class AsyncFeatureBank:
                             output_dtype: int = pb.FLOAT32, cache_policy: int = pb.USE,
                             lookup_first: bool = True) -> list[ItemOutcome]:
         """See FeatureBank.extract_items."""
-        return await drive_async(planning.extract(inputs, self._limits, backbone=backbone, layer=layer,
-                                                  output_dtype=output_dtype, cache_policy=cache_policy,
-                                                  lookup_first=lookup_first), self._send)
+        options = dict(backbone=backbone, layer=layer, output_dtype=output_dtype, cache_policy=cache_policy,
+                       lookup_first=lookup_first)
+        if self._coalescer is None:
+            return await drive_async(planning.extract(inputs, self._limits, **options), self._send)
+
+        async def dispatch(msgs, timeout_s):
+            return await drive_async(planning.extract(msgs, self._limits, **options),
+                                     lambda call: self._send(call, timeout_s))
+
+        return await self._coalescer.run((*options.values(), self.timeout_s, self._metadata),
+                                         [to_input(x) for x in inputs], self.timeout_s, dispatch)
 
     async def extract(self, inputs: Iterable, **kwargs) -> np.ndarray:
         """See FeatureBank.extract."""
