@@ -57,8 +57,13 @@ def run(server: ServerProcess, images: list[bytes], threads: int, duration_s: fl
             w.join()
         elapsed_s = time.monotonic() - start_s
     items = sum(counts)
-    return {"linger_ms": linger_ms, "items_per_s": round(items / elapsed_s), "items": items,
-            "rpcs": int(rpcs(server) - before), "items_per_rpc": round(items / max(1, rpcs(server) - before), 2)}
+    return {
+        "linger_ms": linger_ms,
+        "items_per_s": round(items / elapsed_s),
+        "items": items,
+        "rpcs": int(rpcs(server) - before),
+        "items_per_rpc": round(items / max(1, rpcs(server) - before), 2),
+    }
 
 
 def main() -> None:

@@ -81,8 +81,10 @@ def _rpc_error(e, target: str) -> str:
 
     if e.code == grpc.StatusCode.UNAVAILABLE and ("connect" in e.message.lower() or "backends" in e.message):
         reason = "connection refused" if "refused" in e.message.lower() else e.message.split(";")[0]
-        return (f"no featurebank server at {target} ({reason}): start one with `featurebank serve`, "
-                f"or point --target (env FEATUREBANK_TARGET) at it")
+        return (
+            f"no featurebank server at {target} ({reason}): start one with `featurebank serve`, "
+            f"or point --target (env FEATUREBANK_TARGET) at it"
+        )
     return str(e)
 
 
@@ -106,12 +108,16 @@ def _read_inputs(paths: list[str], text_lines: bool) -> tuple[list, list[str]]:
         path = _existing(p)
         if path.is_dir():
             if text_lines:
-                raise UsageError(f"{p} is a folder; --text reads text files, one text a line: pass the files "
-                                 f"(e.g. {p.rstrip('/')}/*.txt)")
+                raise UsageError(
+                    f"{p} is a folder; --text reads text files, one text a line: pass the files "
+                    f"(e.g. {p.rstrip('/')}/*.txt)"
+                )
             files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
             if not files:
-                raise UsageError(f"{p} is a folder with no {'/'.join(IMAGE_EXTENSIONS)} files under it; "
-                                 f"pass image files, or a folder that holds some")
+                raise UsageError(
+                    f"{p} is a folder with no {'/'.join(IMAGE_EXTENSIONS)} files under it; "
+                    f"pass image files, or a folder that holds some"
+                )
             inputs.extend(files)
             names.extend(str(f) for f in files)
         elif text_lines:
@@ -119,8 +125,10 @@ def _read_inputs(paths: list[str], text_lines: bool) -> tuple[list, list[str]]:
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UsageError(f"{p} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); --text reads "
-                                 f"text files, one text a line: drop --text to send images") from None
+                raise UsageError(
+                    f"{p} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); --text reads "
+                    f"text files, one text a line: drop --text to send images"
+                ) from None
             for number, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     inputs.append(line)
@@ -175,10 +183,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     rows, hits, failed = [], 0, []
     with FeatureBank(args.target) as bank, tqdm(total=len(inputs), unit="item", disable=args.quiet, leave=False) as bar:
         for start in range(0, len(inputs), args.batch_size):
-            chunk = inputs[start:start + args.batch_size]
+            chunk = inputs[start : start + args.batch_size]
             try:
-                outcomes = bank.extract_items(chunk, backbone=args.backbone, layer=args.layer,
-                                              output_dtype=pb.FLOAT16 if args.float16 else pb.FLOAT32)
+                outcomes = bank.extract_items(
+                    chunk,
+                    backbone=args.backbone,
+                    layer=args.layer,
+                    output_dtype=pb.FLOAT16 if args.float16 else pb.FLOAT32,
+                )
             except FeatureBankError as e:
                 bar.close()
                 print(f"featurebank extract: {_rpc_error(e, args.target)}", file=sys.stderr)
@@ -197,8 +209,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             print(_item_error_line(names[index], error), file=sys.stderr)
         if len(failed) > _SHOWN_ITEM_ERRORS:
             print(f"... and {len(failed) - _SHOWN_ITEM_ERRORS} more", file=sys.stderr)
-        print(f"featurebank extract: {len(failed)} of {len(inputs)} inputs failed; nothing written "
-              f"(--skip-errors writes the others to {args.out} and lists the failed ones in {report})", file=sys.stderr)
+        print(
+            f"featurebank extract: {len(failed)} of {len(inputs)} inputs failed; nothing written "
+            f"(--skip-errors writes the others to {args.out} and lists the failed ones in {report})",
+            file=sys.stderr,
+        )
         return 1
     if not rows:
         print(f"featurebank extract: all {len(inputs)} inputs failed; nothing written", file=sys.stderr)
@@ -212,10 +227,15 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             f.write("index\tinput\tcode\tmessage\n")
             for index, error in failed:
                 f.write(f"{index}\t{names[index]}\t{error.code.name}\t{' '.join(error.message.split())}\n")
-        print(f"featurebank extract: {len(failed)} of {len(inputs)} inputs failed (left out of {args.out}, "
-              f"listed in {report})", file=sys.stderr)
-    print(f"wrote {args.out}: {features.shape[0]} x {features.shape[1:]} {features.dtype}; "
-          f"{hits} cache hits, {len(rows) - hits} computed")
+        print(
+            f"featurebank extract: {len(failed)} of {len(inputs)} inputs failed (left out of {args.out}, "
+            f"listed in {report})",
+            file=sys.stderr,
+        )
+    print(
+        f"wrote {args.out}: {features.shape[0]} x {features.shape[1:]} {features.dtype}; "
+        f"{hits} cache hits, {len(rows) - hits} computed"
+    )
     return 0
 
 
@@ -251,14 +271,27 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
 
     try:
         with FeatureBank(args.target) as bank:
-            fs = bank.features(args.data, backbone=args.backbone, layer=args.layer, text_column=args.text_column,
-                               label_column=args.label_column, progress=not args.quiet)
-            print(f"features: {len(fs)} x {fs.features.shape[1:]} from {fs.backbone}/{fs.layer}, "
-                  f"{fs.hits} cache hits ({fs.hit_ratio:.0%}), classes {fs.class_names}")
+            fs = bank.features(
+                args.data,
+                backbone=args.backbone,
+                layer=args.layer,
+                text_column=args.text_column,
+                label_column=args.label_column,
+                progress=not args.quiet,
+            )
+            print(
+                f"features: {len(fs)} x {fs.features.shape[1:]} from {fs.backbone}/{fs.layer}, "
+                f"{fs.hits} cache hits ({fs.hit_ratio:.0%}), classes {fs.class_names}"
+            )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", SmallDataWarning)
-                head = Head.train(fs, head=args.head, validation_split=args.validation_split, epochs=args.epochs,
-                                  verbose=0 if args.quiet else 2)
+                head = Head.train(
+                    fs,
+                    head=args.head,
+                    validation_split=args.validation_split,
+                    epochs=args.epochs,
+                    verbose=0 if args.quiet else 2,
+                )
             for w in caught:
                 if issubclass(w.category, SmallDataWarning):
                     print(f"featurebank train-head: {w.message}", file=sys.stderr)
@@ -290,7 +323,9 @@ def _cmd_put_head(args: argparse.Namespace) -> int:
         return 1
     except (ValueError, OSError) as e:  # not a head file
         raise UsageError(f"{args.path}: {e}") from None
-    print(f"serving {info.name} v{info.version}: {info.kind} on {info.backbone}/{info.layer}, classes {info.class_names}")
+    print(
+        f"serving {info.name} v{info.version}: {info.kind} on {info.backbone}/{info.layer}, classes {info.class_names}"
+    )
     return 0
 
 
@@ -325,19 +360,25 @@ def _cmd_heads(args: argparse.Namespace) -> int:
         return 1
     for h in heads:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(h.metrics.items()))
-        print(f"{h.name} v{h.version}  {h.kind} on {h.backbone}/{h.layer} ({h.input_dim}-d)  classes {h.class_names}  {metrics}")
+        print(
+            f"{h.name} v{h.version}  {h.kind} on {h.backbone}/{h.layer} ({h.input_dim}-d)  classes {h.class_names}  {metrics}"
+        )
     return 0
 
 
 def _target(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=DEFAULT_TARGET,
-                        help=f"server address host:port (default {DEFAULT_TARGET}; env FEATUREBANK_TARGET)")
+    parser.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"server address host:port (default {DEFAULT_TARGET}; env FEATUREBANK_TARGET)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="featurebank", description="Shared feature-extraction backend.", epilog=EPILOG)
-    parser.add_argument("--version", action="version", version=f"featurebank {_version()}",
-                        help="print the version and exit")
+    parser.add_argument(
+        "--version", action="version", version=f"featurebank {_version()}", help="print the version and exit"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the server (needs the server extra)", epilog=EPILOG)
@@ -349,21 +390,31 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     serve.set_defaults(func=_cmd_serve)
 
-    extract = sub.add_parser("extract", help="features of image files (or text lines with --text) to a .npy file",
-                             epilog=EPILOG)
-    extract.add_argument("paths", nargs="+", help="image files or folders of them (searched recursively, sorted); "
-                                                  "with --text, text files (one text a line)")
+    extract = sub.add_parser(
+        "extract", help="features of image files (or text lines with --text) to a .npy file", epilog=EPILOG
+    )
+    extract.add_argument(
+        "paths",
+        nargs="+",
+        help="image files or folders of them (searched recursively, sorted); with --text, text files (one text a line)",
+    )
     extract.add_argument("--out", required=True, help="where to write the (N, D) features (.npy), rows in input order")
     extract.add_argument("--backbone", default="", help="backbone name (default: the server's for the input kind)")
     extract.add_argument("--layer", default="", help="layer name (default: the backbone's)")
     extract.add_argument("--text", action="store_true", help="inputs are text files, one text a line")
     extract.add_argument("--float16", action="store_true", help="ask for float16 features")
     extract.add_argument("--batch-size", type=int, default=64, help="inputs per request (default 64)")
-    extract.add_argument("--skip-errors", action="store_true",
-                         help="write the features of the inputs that worked (rows in input order, failed ones left "
-                              "out) and list the failed ones in --report, instead of writing nothing")
-    extract.add_argument("--report", help="with --skip-errors: where to list the failed inputs (TSV: index, input, "
-                                          "code, message); default OUT with .errors.tsv for .npy")
+    extract.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="write the features of the inputs that worked (rows in input order, failed ones left "
+        "out) and list the failed ones in --report, instead of writing nothing",
+    )
+    extract.add_argument(
+        "--report",
+        help="with --skip-errors: where to list the failed inputs (TSV: index, input, "
+        "code, message); default OUT with .errors.tsv for .npy",
+    )
     _target(extract)
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(func=_cmd_extract)
@@ -372,18 +423,30 @@ def build_parser() -> argparse.ArgumentParser:
     _target(backbones)
     backbones.set_defaults(func=_cmd_backbones)
 
-    train = sub.add_parser("train-head", help="train a head on features from the store (needs the train extra)",
-                           epilog=EPILOG)
-    train.add_argument("data", help="a folder of images in class sub-folders (photos/<class>/*.jpg), or a CSV "
-                                    "(with --text-column, --label-column)")
+    train = sub.add_parser(
+        "train-head", help="train a head on features from the store (needs the train extra)", epilog=EPILOG
+    )
+    train.add_argument(
+        "data",
+        help="a folder of images in class sub-folders (photos/<class>/*.jpg), or a CSV "
+        "(with --text-column, --label-column)",
+    )
     train.add_argument("--out", required=True, help="where to write the head (.keras)")
     train.add_argument("--backbone", default="", help="backbone name (default: the server's for the input kind)")
     train.add_argument("--layer", default="", help="layer name (default: the backbone's)")
-    train.add_argument("--head", choices=("logistic", "mlp"), default="logistic",
-                       help="softmax regression, or one hidden ReLU layer (default logistic)")
-    train.add_argument("--validation-split", type=float, default=0.2,
-                       help="fraction held out for early stopping and the reported metrics (default 0.2); with "
-                            "fewer than 20 a class, every label trains and the metrics are training metrics")
+    train.add_argument(
+        "--head",
+        choices=("logistic", "mlp"),
+        default="logistic",
+        help="softmax regression, or one hidden ReLU layer (default logistic)",
+    )
+    train.add_argument(
+        "--validation-split",
+        type=float,
+        default=0.2,
+        help="fraction held out for early stopping and the reported metrics (default 0.2); with "
+        "fewer than 20 a class, every label trains and the metrics are training metrics",
+    )
     train.add_argument("--epochs", type=int, default=200, help="most epochs (early stopping on validation loss)")
     train.add_argument("--text-column", help="CSV column holding the text")
     train.add_argument("--label-column", help="CSV column holding the label")
@@ -399,8 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     _target(put)
     put.set_defaults(func=_cmd_put_head)
 
-    predict = sub.add_parser("predict", help="labels from a served head for image files (or text lines with --text)",
-                             epilog=EPILOG)
+    predict = sub.add_parser(
+        "predict", help="labels from a served head for image files (or text lines with --text)", epilog=EPILOG
+    )
     predict.add_argument("paths", nargs="+", help="image files or folders of them; with --text, text files")
     predict.add_argument("--head", required=True, help="the served head's name")
     predict.add_argument("--version", type=int, default=0, help="head version (default 0: the latest)")

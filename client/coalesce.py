@@ -23,7 +23,8 @@ import asyncio
 import dataclasses
 import threading
 import time
-from typing import Any, Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any
 
 from featurebank.client.errors import FeatureBankError
 from featurebank.client.results import ItemOutcome
@@ -57,7 +58,7 @@ class _Batch:
 
 def _slice(outcomes: list[ItemOutcome], start: int, count: int) -> list[ItemOutcome]:
     """One caller's outcomes, indices made relative to its own list."""
-    mine = outcomes[start:start + count]
+    mine = outcomes[start : start + count]
     for o in mine:
         o.index -= start
         if o.error is not None:  # a new error: its message names the index too
@@ -151,8 +152,9 @@ class AsyncCoalescer(_Base):
         super().__init__(linger_s, max_items)
         self._tasks: set[asyncio.Task] = set()  # batches running (the loop keeps only weak references)
 
-    async def run(self, key: Hashable, msgs: Sequence[pb.Input], timeout_s: float,
-                  dispatch: AsyncDispatch) -> list[ItemOutcome]:
+    async def run(
+        self, key: Hashable, msgs: Sequence[pb.Input], timeout_s: float, dispatch: AsyncDispatch
+    ) -> list[ItemOutcome]:
         """This caller's outcomes for ``msgs``, computed alone or merged with concurrent callers of ``key``."""
         if len(msgs) >= self.max_items or not msgs:
             return await dispatch(msgs, timeout_s)

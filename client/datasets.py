@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -50,21 +50,37 @@ class FeatureSet:
         if path.endswith(".npy"):
             np.save(path, self.features)
             return
-        meta = {"class_names": self.class_names, "backbone": self.backbone, "fingerprint": self.fingerprint,
-                "layer": self.layer}
-        np.savez(path, features=self.features, labels=self.labels if self.labels is not None else np.zeros(0, np.int64),
-                 has_labels=self.labels is not None, keys=np.asarray(self.keys), meta=json.dumps(meta))
+        meta = {
+            "class_names": self.class_names,
+            "backbone": self.backbone,
+            "fingerprint": self.fingerprint,
+            "layer": self.layer,
+        }
+        np.savez(
+            path,
+            features=self.features,
+            labels=self.labels if self.labels is not None else np.zeros(0, np.int64),
+            has_labels=self.labels is not None,
+            keys=np.asarray(self.keys),
+            meta=json.dumps(meta),
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FeatureSet":
+    def load(cls, path: str | os.PathLike) -> FeatureSet:
         """Read a FeatureSet written by ``save`` to ``.npz``."""
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            return cls(features=z["features"], labels=z["labels"] if bool(z["has_labels"]) else None,
-                       class_names=meta["class_names"], keys=[str(k) for k in z["keys"]], backbone=meta["backbone"],
-                       fingerprint=meta["fingerprint"], layer=meta["layer"])
+            return cls(
+                features=z["features"],
+                labels=z["labels"] if bool(z["has_labels"]) else None,
+                class_names=meta["class_names"],
+                keys=[str(k) for k in z["keys"]],
+                backbone=meta["backbone"],
+                fingerprint=meta["fingerprint"],
+                layer=meta["layer"],
+            )
 
-    def split(self, validation_split: float, seed: int = 0) -> tuple["FeatureSet", "FeatureSet"]:
+    def split(self, validation_split: float, seed: int = 0) -> tuple[FeatureSet, FeatureSet]:
         """A shuffled (train, validation) split with a fixed seed."""
         if not 0 < validation_split < 1:
             raise ValueError(f"validation_split must be in (0, 1), got {validation_split}")
@@ -72,11 +88,15 @@ class FeatureSet:
         n_val = max(1, int(round(len(self) * validation_split)))
         return self.subset(order[n_val:]), self.subset(order[:n_val])
 
-    def subset(self, index: Sequence[int]) -> "FeatureSet":
+    def subset(self, index: Sequence[int]) -> FeatureSet:
         index = np.asarray(index)
-        return dataclasses.replace(self, features=self.features[index],
-                                   labels=None if self.labels is None else self.labels[index],
-                                   keys=[self.keys[i] for i in index], hits=0)
+        return dataclasses.replace(
+            self,
+            features=self.features[index],
+            labels=None if self.labels is None else self.labels[index],
+            keys=[self.keys[i] for i in index],
+            hits=0,
+        )
 
 
 def image_directory(path: str | os.PathLike) -> tuple[list[pathlib.Path], np.ndarray, list[str]]:
@@ -106,8 +126,9 @@ def text_file(path: str | os.PathLike) -> list[str]:
     return [line for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def csv_columns(path: str | os.PathLike, text_column: str, label_column: str | None = None
-                ) -> tuple[list[str], np.ndarray | None, list[str]]:
+def csv_columns(
+    path: str | os.PathLike, text_column: str, label_column: str | None = None
+) -> tuple[list[str], np.ndarray | None, list[str]]:
     """Texts (and labels, mapped to sorted class names) from named CSV columns."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -122,8 +143,9 @@ def csv_columns(path: str | os.PathLike, text_column: str, label_column: str | N
     return texts, np.asarray([index[v] for v in raw], np.int64), class_names
 
 
-def resolve(data, labels=None, *, text_column: str | None = None, label_column: str | None = None
-            ) -> tuple[list, np.ndarray | None, list[str]]:
+def resolve(
+    data, labels=None, *, text_column: str | None = None, label_column: str | None = None
+) -> tuple[list, np.ndarray | None, list[str]]:
     """(inputs, labels, class_names) from a list, an image folder, a .txt file or a .csv file.
 
     ``labels`` may be ints or strings (mapped to sorted class names); folders bring their own.

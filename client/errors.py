@@ -22,7 +22,7 @@ class FeatureBankError(Exception):
         super().__init__(f"{where}{code.name}: {message}")
 
     @classmethod
-    def from_rpc_error(cls, err: grpc.RpcError) -> "FeatureBankError":
+    def from_rpc_error(cls, err: grpc.RpcError) -> FeatureBankError:
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         details = err.details() if hasattr(err, "details") else str(err)
         return cls(code, details or "")

@@ -46,8 +46,17 @@ def _is_raw(x) -> bool:
     return False
 
 
-def build_model(kind: str, input_dim: int, num_classes: int, *, hidden_units: int = 256, l2: float = 1e-4,
-                dropout: float = 0.2, mean: np.ndarray | None = None, variance: np.ndarray | None = None):
+def build_model(
+    kind: str,
+    input_dim: int,
+    num_classes: int,
+    *,
+    hidden_units: int = 256,
+    l2: float = 1e-4,
+    dropout: float = 0.2,
+    mean: np.ndarray | None = None,
+    variance: np.ndarray | None = None,
+):
     """A standardising input layer, then softmax regression ("logistic") or one hidden ReLU layer ("mlp")."""
     keras = _keras()
     if kind not in HEAD_KINDS:
@@ -74,8 +83,18 @@ class Head:
             ``validation_examples`` says how many were held out (0: none).
     """
 
-    def __init__(self, model, *, backbone: str, fingerprint: str, layer: str, class_names: list[str], kind: str,
-                 metrics: dict[str, float] | None = None, history: dict[str, list[float]] | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        backbone: str,
+        fingerprint: str,
+        layer: str,
+        class_names: list[str],
+        kind: str,
+        metrics: dict[str, float] | None = None,
+        history: dict[str, list[float]] | None = None,
+    ):
         self.model = model
         self.backbone = backbone
         self.fingerprint = fingerprint
@@ -95,10 +114,22 @@ class Head:
         return self.metrics.get("validation_examples", 0) > 0 or any(k.startswith("val_") for k in self.metrics)
 
     @classmethod
-    def train(cls, data: FeatureSet, *, head: str = "logistic", validation_split: float = 0.2, epochs: int = 200,
-              batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0, patience: int = 10,
-              min_validation_per_class: int = 20, small_data_steps: int = 300, verbose: int = 0,
-              **model_options) -> "Head":
+    def train(
+        cls,
+        data: FeatureSet,
+        *,
+        head: str = "logistic",
+        validation_split: float = 0.2,
+        epochs: int = 200,
+        batch_size: int = 64,
+        learning_rate: float = 1e-3,
+        seed: int = 0,
+        patience: int = 10,
+        min_validation_per_class: int = 20,
+        small_data_steps: int = 300,
+        verbose: int = 0,
+        **model_options,
+    ) -> Head:
         """Train on a labelled FeatureSet.
 
         With enough labels, ``validation_split`` of them (seeded) are held out: training stops
@@ -130,7 +161,9 @@ class Head:
                 f"on all {len(data)}, so head.metrics (train_accuracy, train_loss) are training metrics, not an "
                 f"estimate for new data. Label at least {int(np.ceil(min_validation_per_class * num_classes / validation_split))} "
                 f"examples, or measure on labelled data kept apart with head.evaluate(...)",
-                SmallDataWarning, stacklevel=2)
+                SmallDataWarning,
+                stacklevel=2,
+            )
         train, val = (data, None) if small else data.split(validation_split, seed)
         x = train.features.reshape(len(train), -1).astype(np.float32)
         variance = x.var(0)
@@ -141,16 +174,35 @@ class Head:
         if small:
             # One epoch of full-batch steps over a repeated array: Keras' per-epoch overhead would
             # otherwise dominate training on a few dozen examples.
-            history = model.fit(np.tile(x, (small_data_steps, 1)), np.tile(train.labels, small_data_steps),
-                                batch_size=len(x), epochs=1, shuffle=False, verbose=verbose)
+            history = model.fit(
+                np.tile(x, (small_data_steps, 1)),
+                np.tile(train.labels, small_data_steps),
+                batch_size=len(x),
+                epochs=1,
+                shuffle=False,
+                verbose=verbose,
+            )
         else:
             validation = (val.features.reshape(len(val), -1).astype(np.float32), val.labels)
             stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
-            history = model.fit(x, train.labels, validation_data=validation, epochs=epochs, batch_size=batch_size,
-                                callbacks=[stop], verbose=verbose)
-        result = cls(model, backbone=data.backbone, fingerprint=data.fingerprint, layer=data.layer,
-                     class_names=data.class_names or [str(i) for i in range(num_classes)], kind=head,
-                     history={k: [float(v) for v in vs] for k, vs in history.history.items()})
+            history = model.fit(
+                x,
+                train.labels,
+                validation_data=validation,
+                epochs=epochs,
+                batch_size=batch_size,
+                callbacks=[stop],
+                verbose=verbose,
+            )
+        result = cls(
+            model,
+            backbone=data.backbone,
+            fingerprint=data.fingerprint,
+            layer=data.layer,
+            class_names=data.class_names or [str(i) for i in range(num_classes)],
+            kind=head,
+            history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        )
         evaluated = result.evaluate(train if small else val)
         result.metrics = {f"{'train' if small else 'val'}_{k}": v for k, v in evaluated.items()}
         result.metrics["train_examples"] = float(len(train))
@@ -160,24 +212,34 @@ class Head:
 
     def _check(self, x) -> np.ndarray:
         if not isinstance(x, FeatureSet) and _is_raw(x):
-            what = type(x).__name__ if isinstance(x, (str, bytes, os.PathLike, np.ndarray)) else \
-                f"a list of {type(next(iter(x))).__name__}"
+            what = (
+                type(x).__name__
+                if isinstance(x, (str, bytes, os.PathLike, np.ndarray))
+                else f"a list of {type(next(iter(x))).__name__}"
+            )
             raise TypeError(
                 f"Head.predict takes features ({self.input_dim}-d from {self.backbone}/{self.layer}), not raw inputs "
                 f"({what}). Pass bank= to fetch them: head.predict(inputs, bank=bank); or serve the head and call "
                 f"bank.predict(name, inputs); or fetch them first: bank.features(inputs, backbone={self.backbone!r}, "
-                f"layer={self.layer!r})")
+                f"layer={self.layer!r})"
+            )
         if isinstance(x, FeatureSet):
-            for what, mine, theirs in (("backbone", self.backbone, x.backbone), ("fingerprint", self.fingerprint, x.fingerprint),
-                                       ("layer", self.layer, x.layer)):
+            for what, mine, theirs in (
+                ("backbone", self.backbone, x.backbone),
+                ("fingerprint", self.fingerprint, x.fingerprint),
+                ("layer", self.layer, x.layer),
+            ):
                 if mine != theirs:
                     raise HeadMismatchError(
                         f"this head was trained on {self.backbone}/{self.layer} (fingerprint {self.fingerprint[:16]}); "
-                        f"these features come from {x.backbone}/{x.layer} (fingerprint {x.fingerprint[:16]}): {what} differs")
+                        f"these features come from {x.backbone}/{x.layer} (fingerprint {x.fingerprint[:16]}): {what} differs"
+                    )
             x = x.features
         x = np.asarray(x, np.float32).reshape(len(x), -1)
         if x.shape[1] != self.input_dim:
-            raise HeadMismatchError(f"this head takes {self.input_dim} features ({self.backbone}/{self.layer}), got {x.shape[1]}")
+            raise HeadMismatchError(
+                f"this head takes {self.input_dim} features ({self.backbone}/{self.layer}), got {x.shape[1]}"
+            )
         return x
 
     def predict(self, x, *, bank=None) -> np.ndarray:
@@ -207,8 +269,15 @@ class Head:
         return {"accuracy": accuracy, "loss": loss}
 
     def _meta(self) -> dict:
-        return {"backbone": self.backbone, "fingerprint": self.fingerprint, "layer": self.layer,
-                "class_names": self.class_names, "kind": self.kind, "metrics": self.metrics, "history": self.history}
+        return {
+            "backbone": self.backbone,
+            "fingerprint": self.fingerprint,
+            "layer": self.layer,
+            "class_names": self.class_names,
+            "kind": self.kind,
+            "metrics": self.metrics,
+            "history": self.history,
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         """One ``.keras`` file; what the head was trained on is stored inside it."""
@@ -220,7 +289,7 @@ class Head:
             z.writestr(_META_FILE, json.dumps(self._meta()))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Head":
+    def load(cls, path: str | os.PathLike) -> Head:
         """Read a head written by ``save``."""
         keras = _keras()
         with zipfile.ZipFile(path) as z:
@@ -247,9 +316,17 @@ class Head:
             std = np.maximum(np.sqrt(variance), 1e-7)  # Keras' Normalization divides by max(sqrt(var), epsilon)
             kernel, bias, act = layers[0]
             layers[0] = (kernel / std[:, None], bias - (mean / std) @ kernel, act)
-        head = pb.Head(name=name, version=version, backbone=self.backbone, backbone_fingerprint=self.fingerprint,
-                       layer=self.layer, class_names=self.class_names, kind=self.kind,
-                       metrics={k: float(v) for k, v in self.metrics.items()}, created_unix_ms=int(time.time() * 1000))
+        head = pb.Head(
+            name=name,
+            version=version,
+            backbone=self.backbone,
+            backbone_fingerprint=self.fingerprint,
+            layer=self.layer,
+            class_names=self.class_names,
+            kind=self.kind,
+            metrics={k: float(v) for k, v in self.metrics.items()},
+            created_unix_ms=int(time.time() * 1000),
+        )
         for kernel, bias, act in layers:
             d = head.layers.add(activation=act)
             tensors.to_proto(kernel.astype(np.float32), d.kernel)

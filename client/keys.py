@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pathlib
 from typing import Union
 
 import numpy as np

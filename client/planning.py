@@ -9,15 +9,16 @@ splitting, keys-first lookups, the Lookup fallback and placing answers are writt
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Awaitable, Callable, Generator, Iterable, Iterator, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
+from featurebank.client import tensors
 from featurebank.client.errors import FeatureBankError
 from featurebank.client.inputs import to_input
 from featurebank.client.keys import input_key
 from featurebank.client.results import ItemOutcome, Prediction, head_info, outcomes, prediction
-from featurebank.client import tensors
 from featurebank.v1 import featurebank_pb2 as pb
 
 # Content keys per Lookup request: 32 bytes each, so 1,024 make a ~40 KB request.
@@ -25,8 +26,14 @@ LOOKUP_CHUNK = 1024
 # A Lookup refused for these reasons (unknown backbone or layer, a server without Lookup) falls
 # back to Extract, which then reports the problem per request as it always did; any other
 # failure (overload, deadline, auth) is raised at once instead of costing a second call.
-LOOKUP_FALLBACK_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
-                                   grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED})
+LOOKUP_FALLBACK_CODES = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
 
 T = TypeVar("T")
 
@@ -104,8 +111,9 @@ def place(items: Sequence, positions: Sequence[int], out: list, base: int = 0) -
         out[i] = item
 
 
-def lookup_hits(msgs: Sequence[pb.Input], out: list, *, backbone: str, layer: str, output_dtype: int,
-                base: int = 0) -> Plan[pb.ExtractResponse | None]:
+def lookup_hits(
+    msgs: Sequence[pb.Input], out: list, *, backbone: str, layer: str, output_dtype: int, base: int = 0
+) -> Plan[pb.ExtractResponse | None]:
     """Keys first: Lookup the content keys of ``msgs`` and fill ``out`` with the hits.
 
     Duplicates are looked up once; an input without a key (no payload, an unknown tensor dtype)
@@ -124,10 +132,11 @@ def lookup_hits(msgs: Sequence[pb.Input], out: list, *, backbone: str, layer: st
     keys = list(positions)
     last = None
     for start in range(0, len(keys), LOOKUP_CHUNK):
-        chunk = keys[start:start + LOOKUP_CHUNK]
+        chunk = keys[start : start + LOOKUP_CHUNK]
         try:
-            response = yield Call("Lookup", pb.LookupRequest(backbone=backbone, layer=layer, keys=chunk,
-                                                             output_dtype=output_dtype))
+            response = yield Call(
+                "Lookup", pb.LookupRequest(backbone=backbone, layer=layer, keys=chunk, output_dtype=output_dtype)
+            )
         except FeatureBankError as e:
             if e.code not in LOOKUP_FALLBACK_CODES:
                 raise  # overload, deadline, auth: Extract would fail the same way
@@ -142,10 +151,12 @@ def lookup_hits(msgs: Sequence[pb.Input], out: list, *, backbone: str, layer: st
     return last
 
 
-def extract_request(msgs: Sequence[pb.Input], *, backbone: str, layer: str, output_dtype: int,
-                    cache_policy: int) -> pb.ExtractRequest:
-    return pb.ExtractRequest(backbone=backbone, layer=layer, inputs=msgs, output_dtype=output_dtype,
-                             cache_policy=cache_policy)
+def extract_request(
+    msgs: Sequence[pb.Input], *, backbone: str, layer: str, output_dtype: int, cache_policy: int
+) -> pb.ExtractRequest:
+    return pb.ExtractRequest(
+        backbone=backbone, layer=layer, inputs=msgs, output_dtype=output_dtype, cache_policy=cache_policy
+    )
 
 
 def uses_lookup(lookup_first: bool, cache_policy: int, backbone: str) -> bool:
@@ -153,8 +164,16 @@ def uses_lookup(lookup_first: bool, cache_policy: int, backbone: str) -> bool:
     return bool(lookup_first and cache_policy == pb.USE and backbone)
 
 
-def extract(inputs: Iterable, limits: Limits, *, backbone: str = "", layer: str = "", output_dtype: int = pb.FLOAT32,
-            cache_policy: int = pb.USE, lookup_first: bool = True) -> Plan[list[ItemOutcome]]:
+def extract(
+    inputs: Iterable,
+    limits: Limits,
+    *,
+    backbone: str = "",
+    layer: str = "",
+    output_dtype: int = pb.FLOAT32,
+    cache_policy: int = pb.USE,
+    lookup_first: bool = True,
+) -> Plan[list[ItemOutcome]]:
     """ItemOutcomes in input order: Lookup first (see ``lookup_hits``), then Extract the rest in chunks."""
     msgs = [to_input(x) for x in inputs]
     out: list[ItemOutcome | None] = [None] * len(msgs)
@@ -163,30 +182,40 @@ def extract(inputs: Iterable, limits: Limits, *, backbone: str = "", layer: str 
     rest = [i for i, o in enumerate(out) if o is None]
     for start, chunk in chunks([msgs[i] for i in rest], limits):
         try:
-            response = yield Call("Extract", extract_request(chunk, backbone=backbone, layer=layer,
-                                                             output_dtype=output_dtype, cache_policy=cache_policy))
+            response = yield Call(
+                "Extract",
+                extract_request(
+                    chunk, backbone=backbone, layer=layer, output_dtype=output_dtype, cache_policy=cache_policy
+                ),
+            )
         except FeatureBankError as e:
             i = rest[start]
             if not too_large_alone(chunk, limits, e):
                 raise
             out[i] = ItemOutcome(i, _key_or_empty(chunk[0]), False, None, too_large_error(e, i))
             continue
-        place(outcomes(response), rest[start:start + len(chunk)], out)
+        place(outcomes(response), rest[start : start + len(chunk)], out)
     return out  # type: ignore[return-value]
 
 
 def too_large_alone(chunk: Sequence[pb.Input], limits: Limits, error: FeatureBankError) -> bool:
     """The request was one input over the split size, refused for its size: that input's own error,
     not its neighbours' (they travel in other requests)."""
-    return (len(chunk) == 1 and chunk[0].ByteSize() + 8 > limits.max_bytes
-            and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in error.message)
+    return (
+        len(chunk) == 1
+        and chunk[0].ByteSize() + 8 > limits.max_bytes
+        and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "larger than max" in error.message
+    )
 
 
 def too_large_error(error: FeatureBankError, index: int) -> FeatureBankError:
     return FeatureBankError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         f"input too large for one request ({error.message}); send a smaller input, or raise the server's "
-        f"--max-message-bytes (and the client's max_message_bytes)", index)
+        f"--max-message-bytes (and the client's max_message_bytes)",
+        index,
+    )
 
 
 def _key_or_empty(msg: pb.Input) -> str:
@@ -196,26 +225,32 @@ def _key_or_empty(msg: pb.Input) -> str:
         return ""
 
 
-def lookup(keys: Sequence[str], *, backbone: str, layer: str = "", output_dtype: int = pb.FLOAT32
-           ) -> Plan[list[ItemOutcome]]:
+def lookup(
+    keys: Sequence[str], *, backbone: str, layer: str = "", output_dtype: int = pb.FLOAT32
+) -> Plan[list[ItemOutcome]]:
     """Cached features by content key, LOOKUP_CHUNK keys a request; a key not cached has a NOT_FOUND error."""
     out: list[ItemOutcome] = []
     for start in range(0, len(keys), LOOKUP_CHUNK):
-        response = yield Call("Lookup", pb.LookupRequest(backbone=backbone, layer=layer,
-                                                         keys=keys[start:start + LOOKUP_CHUNK],
-                                                         output_dtype=output_dtype))
+        response = yield Call(
+            "Lookup",
+            pb.LookupRequest(
+                backbone=backbone, layer=layer, keys=keys[start : start + LOOKUP_CHUNK], output_dtype=output_dtype
+            ),
+        )
         out.extend(outcomes(response, start))
     return out
 
 
-def predict(head: str, inputs: Iterable, limits: Limits, *, version: int = 0, cache_policy: int = pb.USE
-            ) -> Plan[list[Prediction]]:
+def predict(
+    head: str, inputs: Iterable, limits: Limits, *, version: int = 0, cache_policy: int = pb.USE
+) -> Plan[list[Prediction]]:
     """Predictions of a served head in input order, in chunks within the limits."""
     out: list[Prediction] = []
     for start, chunk in chunks([to_input(x) for x in inputs], limits):
         try:
-            response = yield Call("Predict", pb.PredictRequest(head=head, version=version, inputs=chunk,
-                                                               cache_policy=cache_policy))
+            response = yield Call(
+                "Predict", pb.PredictRequest(head=head, version=version, inputs=chunk, cache_policy=cache_policy)
+            )
         except FeatureBankError as e:
             if not too_large_alone(chunk, limits, e):
                 raise

@@ -103,8 +103,10 @@ class HeadInfo:
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(self.metrics.items()) if k.endswith("accuracy"))
-        return (f"HeadInfo({self.name} v{self.version}: {self.kind} on {self.backbone}/{self.layer}, {self.input_dim}-d, "
-                f"classes {self.class_names}{', ' + shown if shown else ''})")
+        return (
+            f"HeadInfo({self.name} v{self.version}: {self.kind} on {self.backbone}/{self.layer}, {self.input_dim}-d, "
+            f"classes {self.class_names}{', ' + shown if shown else ''})"
+        )
 
 
 def outcomes(response: pb.ExtractResponse, offset: int = 0) -> list[ItemOutcome]:
@@ -112,8 +114,15 @@ def outcomes(response: pb.ExtractResponse, offset: int = 0) -> list[ItemOutcome]
     out = []
     for j, r in enumerate(response.results):
         if r.HasField("error"):
-            out.append(ItemOutcome(offset + j, r.key, r.cache_hit, None,
-                                   FeatureBankError(status_code(r.error.code), r.error.message, offset + j)))
+            out.append(
+                ItemOutcome(
+                    offset + j,
+                    r.key,
+                    r.cache_hit,
+                    None,
+                    FeatureBankError(status_code(r.error.code), r.error.message, offset + j),
+                )
+            )
         else:
             out.append(ItemOutcome(offset + j, r.key, r.cache_hit, tensors.from_proto(r.features), None))
     return out
@@ -121,16 +130,26 @@ def outcomes(response: pb.ExtractResponse, offset: int = 0) -> list[ItemOutcome]
 
 def prediction(p: pb.Prediction, index: int) -> Prediction:
     if p.HasField("error"):
-        return Prediction(index, "", -1, None, p.cache_hit, p.key,
-                          FeatureBankError(status_code(p.error.code), p.error.message, index))
+        return Prediction(
+            index, "", -1, None, p.cache_hit, p.key, FeatureBankError(status_code(p.error.code), p.error.message, index)
+        )
     probabilities = np.asarray(tensors.from_proto(p.probabilities), np.float32).reshape(-1)
     return Prediction(index, p.label, p.label_index, probabilities, p.cache_hit, p.key, None)
 
 
 def head_info(h: pb.HeadInfo) -> HeadInfo:
-    return HeadInfo(name=h.name, version=h.version, kind=h.kind, backbone=h.backbone, layer=h.layer,
-                    fingerprint=h.backbone_fingerprint, input_dim=h.input_dim, class_names=list(h.class_names),
-                    metrics=dict(h.metrics), created_unix_ms=h.created_unix_ms)
+    return HeadInfo(
+        name=h.name,
+        version=h.version,
+        kind=h.kind,
+        backbone=h.backbone,
+        layer=h.layer,
+        fingerprint=h.backbone_fingerprint,
+        input_dim=h.input_dim,
+        class_names=list(h.class_names),
+        metrics=dict(h.metrics),
+        created_unix_ms=h.created_unix_ms,
+    )
 
 
 def stack(items: list[ItemOutcome]) -> np.ndarray:

@@ -6,7 +6,7 @@ import json
 import os
 import queue
 import warnings
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -27,19 +27,23 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # gRPC's own retry machinery: UNAVAILABLE (a restarting or draining server) is retried with
 # exponential backoff; everything else is the caller's decision.
-_SERVICE_CONFIG = json.dumps({
-    "methodConfig": [{
-        "name": [{"service": "featurebank.v1.FeatureBank"}],
-        "retryPolicy": {
-            "maxAttempts": 5,
-            "initialBackoff": "0.1s",
-            "maxBackoff": "2s",
-            "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        },
-    }],
-    "loadBalancingConfig": [{"round_robin": {}}],
-})
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "featurebank.v1.FeatureBank"}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        "loadBalancingConfig": [{"round_robin": {}}],
+    }
+)
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
@@ -62,14 +66,24 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
-def make_channel(target: str, *, aio: bool = False, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
-                 tls_key_file: str | None = None, tls: bool = False):
+def make_channel(
+    target: str,
+    *,
+    aio: bool = False,
+    tls_ca_file: str | None = None,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
+    tls: bool = False,
+):
     """A channel to the server: TLS when any TLS option is given (mutual TLS with a client
     certificate and key), plaintext otherwise."""
     module = grpc.aio if aio else grpc
     if tls or tls_ca_file or tls_cert_file:
-        creds = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca_file), private_key=_read(tls_key_file),
-                                             certificate_chain=_read(tls_cert_file))
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read(tls_ca_file),
+            private_key=_read(tls_key_file),
+            certificate_chain=_read(tls_cert_file),
+        )
         return module.secure_channel(target, creds, options=channel_options())
     return module.insecure_channel(target, options=channel_options())
 
@@ -95,22 +109,33 @@ class FeatureBank:
             (a lone caller never waits). 0 turns coalescing off. See client/coalesce.py.
     """
 
-    def __init__(self, target: str, *, timeout_s: float = 300.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST, channel: grpc.Channel | None = None,
-                 token: str | None = None, tls: bool = False, tls_ca_file: str | None = None,
-                 tls_cert_file: str | None = None, tls_key_file: str | None = None,
-                 coalesce_linger_ms: float = DEFAULT_LINGER_MS):
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 300.0,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
+        channel: grpc.Channel | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        coalesce_linger_ms: float = DEFAULT_LINGER_MS,
+    ):
         self._coalescer = Coalescer(coalesce_linger_ms / 1000, max_items_per_request) if coalesce_linger_ms else None
         self.target = target
         self.timeout_s = timeout_s
         self.max_request_bytes = max_request_bytes
         self.max_items_per_request = max_items_per_request
         self._metadata = _auth_metadata(token)
-        self._channel = channel or make_channel(target, tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
-                                                tls_key_file=tls_key_file)
+        self._channel = channel or make_channel(
+            target, tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file
+        )
         self._stub = pb_grpc.FeatureBankStub(self._channel)
 
-    def __enter__(self) -> "FeatureBank":
+    def __enter__(self) -> FeatureBank:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -126,13 +151,22 @@ class FeatureBank:
     def _send(self, call: Call, timeout_s: float | None = None):
         """Make one unary RPC of a plan (see planning.py)."""
         try:
-            return getattr(self._stub, call.method)(call.request, timeout=self.timeout_s if timeout_s is None else timeout_s,
-                                                    metadata=self._metadata)
+            return getattr(self._stub, call.method)(
+                call.request, timeout=self.timeout_s if timeout_s is None else timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise FeatureBankError.from_rpc_error(e) from None
 
-    def extract_items(self, inputs: Iterable, *, backbone: str = "", layer: str = "", output_dtype: int = pb.FLOAT32,
-                      cache_policy: int = pb.USE, lookup_first: bool = True) -> list[ItemOutcome]:
+    def extract_items(
+        self,
+        inputs: Iterable,
+        *,
+        backbone: str = "",
+        layer: str = "",
+        output_dtype: int = pb.FLOAT32,
+        cache_policy: int = pb.USE,
+        lookup_first: bool = True,
+    ) -> list[ItemOutcome]:
         """Per-input outcomes (features or error), in input order; never raises for one bad item.
 
         Args:
@@ -153,16 +187,22 @@ class FeatureBank:
         Raises:
             FeatureBankError: the request as a whole failed (unknown backbone or layer, overload, ...).
         """
-        options = dict(backbone=backbone, layer=layer, output_dtype=output_dtype, cache_policy=cache_policy,
-                       lookup_first=lookup_first)
+        options = dict(
+            backbone=backbone,
+            layer=layer,
+            output_dtype=output_dtype,
+            cache_policy=cache_policy,
+            lookup_first=lookup_first,
+        )
         if self._coalescer is None:
             return drive(planning.extract(inputs, self._limits, **options), self._send)
 
         def dispatch(msgs, timeout_s):
             return drive(planning.extract(msgs, self._limits, **options), lambda call: self._send(call, timeout_s))
 
-        return self._coalescer.run((*options.values(), self.timeout_s, self._metadata),
-                                   [to_input(x) for x in inputs], self.timeout_s, dispatch)
+        return self._coalescer.run(
+            (*options.values(), self.timeout_s, self._metadata), [to_input(x) for x in inputs], self.timeout_s, dispatch
+        )
 
     def extract(self, inputs: Iterable, **kwargs) -> np.ndarray:
         """Features of every input as one (N, *shape) array.
@@ -177,7 +217,9 @@ class FeatureBank:
         """
         return stack(self.extract_items(inputs, **kwargs))
 
-    def lookup(self, keys: Sequence[str], *, backbone: str, layer: str = "", output_dtype: int = pb.FLOAT32) -> list[ItemOutcome]:
+    def lookup(
+        self, keys: Sequence[str], *, backbone: str, layer: str = "", output_dtype: int = pb.FLOAT32
+    ) -> list[ItemOutcome]:
         """Cached features by content key; a key not cached has a NOT_FOUND error.
 
         Returns:
@@ -191,8 +233,9 @@ class FeatureBank:
 
     # ------------------------------------------------------------------------ streaming, datasets
 
-    def _stream(self, inputs: Iterable, *, backbone: str, layer: str, output_dtype: int, cache_policy: int,
-                lookup_first: bool) -> Iterator[tuple[pb.ExtractResponse, list[ItemOutcome]]]:
+    def _stream(
+        self, inputs: Iterable, *, backbone: str, layer: str, output_dtype: int, cache_policy: int, lookup_first: bool
+    ) -> Iterator[tuple[pb.ExtractResponse, list[ItemOutcome]]]:
         """(response, outcomes) per chunk of inputs over one ExtractStream, in input order.
 
         Inputs are read lazily, chunk by chunk (planning.chunks), as gRPC's flow control lets
@@ -210,24 +253,47 @@ class FeatureBank:
                     known: list[ItemOutcome | None] = [None] * len(batch)
                     named = backbone or resolved.get("backbone", "")
                     if planning.uses_lookup(lookup_first, cache_policy, named):
-                        last = drive(planning.lookup_hits(batch, known, backbone=named,
-                                                          layer=layer or resolved.get("layer", ""),
-                                                          output_dtype=output_dtype, base=offset), self._send)
+                        last = drive(
+                            planning.lookup_hits(
+                                batch,
+                                known,
+                                backbone=named,
+                                layer=layer or resolved.get("layer", ""),
+                                output_dtype=output_dtype,
+                                base=offset,
+                            ),
+                            self._send,
+                        )
                         if last is not None:
-                            resolved.update(backbone=last.backbone, layer=last.layer,
-                                            backbone_fingerprint=last.backbone_fingerprint)
+                            resolved.update(
+                                backbone=last.backbone, layer=last.layer, backbone_fingerprint=last.backbone_fingerprint
+                            )
                     if known[0] is None and len(batch) == 1 and batch[0].ByteSize() + 8 > self._limits.max_bytes:
                         # Too large to share a request: sent alone, unary, so a size refusal fails
                         # this input (planning.too_large_alone) and not the whole stream.
-                        known = drive(planning.extract(batch, self._limits, backbone=backbone, layer=layer,
-                                                       output_dtype=output_dtype, cache_policy=cache_policy,
-                                                       lookup_first=False), self._send)
+                        known = drive(
+                            planning.extract(
+                                batch,
+                                self._limits,
+                                backbone=backbone,
+                                layer=layer,
+                                output_dtype=output_dtype,
+                                cache_policy=cache_policy,
+                                lookup_first=False,
+                            ),
+                            self._send,
+                        )
                         planning.place(known, [0], known, base=offset)
                     misses = [j for j, k in enumerate(known) if k is None]
                     prepared.put((offset, known, misses))
                     if misses:
-                        yield planning.extract_request([batch[j] for j in misses], backbone=backbone, layer=layer,
-                                                       output_dtype=output_dtype, cache_policy=cache_policy)
+                        yield planning.extract_request(
+                            [batch[j] for j in misses],
+                            backbone=backbone,
+                            layer=layer,
+                            output_dtype=output_dtype,
+                            cache_policy=cache_policy,
+                        )
                 prepared.put(None)
             except Exception as e:  # an unreadable input or a failed Lookup: end the stream, tell the reader why
                 prepared.put(e)
@@ -246,17 +312,27 @@ class FeatureBank:
                     continue
                 response = next(responses)
                 planning.place(outcomes(response), misses, known, base=offset)
-                resolved.update(backbone=response.backbone, layer=response.layer,
-                                backbone_fingerprint=response.backbone_fingerprint)
+                resolved.update(
+                    backbone=response.backbone, layer=response.layer, backbone_fingerprint=response.backbone_fingerprint
+                )
                 yield response, known
         except grpc.RpcError as e:
             raise FeatureBankError.from_rpc_error(e) from None
         finally:
             responses.cancel()
 
-    def extract_stream(self, inputs: Iterable, *, backbone: str = "", layer: str = "", output_dtype: int = pb.FLOAT32,
-                       cache_policy: int = pb.USE, lookup_first: bool = False, progress: bool = False,
-                       total: int | None = None) -> Iterator[ItemOutcome]:
+    def extract_stream(
+        self,
+        inputs: Iterable,
+        *,
+        backbone: str = "",
+        layer: str = "",
+        output_dtype: int = pb.FLOAT32,
+        cache_policy: int = pb.USE,
+        lookup_first: bool = False,
+        progress: bool = False,
+        total: int | None = None,
+    ) -> Iterator[ItemOutcome]:
         """Outcomes for an iterable of any length, streamed in order with bounded memory.
 
         Args:
@@ -274,8 +350,14 @@ class FeatureBank:
             total = len(inputs)
         hits = seen = 0
         with tqdm(total=total, unit="item", disable=not progress, smoothing=0.1) as bar:
-            for _, items in self._stream(inputs, backbone=backbone, layer=layer, output_dtype=output_dtype,
-                                            cache_policy=cache_policy, lookup_first=lookup_first):
+            for _, items in self._stream(
+                inputs,
+                backbone=backbone,
+                layer=layer,
+                output_dtype=output_dtype,
+                cache_policy=cache_policy,
+                lookup_first=lookup_first,
+            ):
                 for o in items:
                     seen += 1
                     hits += o.cache_hit
@@ -283,8 +365,18 @@ class FeatureBank:
                 bar.update(len(items))
                 bar.set_postfix(hit_ratio=f"{hits / max(1, seen):.2f}", refresh=False)
 
-    def features(self, data, labels=None, *, backbone: str = "", layer: str = "", text_column: str | None = None,
-                 label_column: str | None = None, progress: bool = False, lookup_first: bool = True):
+    def features(
+        self,
+        data,
+        labels=None,
+        *,
+        backbone: str = "",
+        layer: str = "",
+        text_column: str | None = None,
+        label_column: str | None = None,
+        progress: bool = False,
+        lookup_first: bool = True,
+    ):
         """Features of a whole dataset through the store (streamed, cached, resumable).
 
         Args:
@@ -300,16 +392,22 @@ class FeatureBank:
         Raises:
             FeatureBankError: the stream failed, or an item failed (``.index`` says which).
         """
-        from featurebank.client import datasets
-
         from tqdm import tqdm
+
+        from featurebank.client import datasets
 
         inputs, labels, class_names = datasets.resolve(data, labels, text_column=text_column, label_column=label_column)
         rows, keys, hits = [], [], 0
         meta = pb.ExtractResponse()
         with tqdm(total=len(inputs), unit="item", disable=not progress, smoothing=0.1) as bar:
-            for response, items in self._stream(inputs, backbone=backbone, layer=layer, output_dtype=pb.FLOAT32,
-                                                   cache_policy=pb.USE, lookup_first=lookup_first):
+            for response, items in self._stream(
+                inputs,
+                backbone=backbone,
+                layer=layer,
+                output_dtype=pb.FLOAT32,
+                cache_policy=pb.USE,
+                lookup_first=lookup_first,
+            ):
                 if response.backbone_fingerprint:
                     meta = response
                 for o in items:
@@ -320,9 +418,16 @@ class FeatureBank:
                     hits += o.cache_hit
                 bar.update(len(items))
                 bar.set_postfix(hit_ratio=f"{hits / max(1, len(rows)):.2f}", refresh=False)
-        return datasets.FeatureSet(features=np.stack(rows) if rows else np.zeros((0, 0), np.float32), labels=labels,
-                                   class_names=class_names, keys=keys, backbone=meta.backbone,
-                                   fingerprint=meta.backbone_fingerprint, layer=meta.layer, hits=hits)
+        return datasets.FeatureSet(
+            features=np.stack(rows) if rows else np.zeros((0, 0), np.float32),
+            labels=labels,
+            class_names=class_names,
+            keys=keys,
+            backbone=meta.backbone,
+            fingerprint=meta.backbone_fingerprint,
+            layer=meta.layer,
+            hits=hits,
+        )
 
     def as_tf_dataset(self, data, labels=None, *, batch_size: int = 32, shuffle: bool = True, seed: int = 0, **kwargs):
         """A ``tf.data.Dataset`` of (features, label) batches for ``model.fit`` (needs featurebank[train])."""
@@ -336,9 +441,21 @@ class FeatureBank:
             ds = ds.shuffle(len(fs), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
-    def fit_head(self, data, labels=None, *, backbone: str = "", layer: str = "", head: str = "logistic",
-                 validation_split: float = 0.2, epochs: int = 200, progress: bool = False, text_column: str | None = None,
-                 label_column: str | None = None, **train_options):
+    def fit_head(
+        self,
+        data,
+        labels=None,
+        *,
+        backbone: str = "",
+        layer: str = "",
+        head: str = "logistic",
+        validation_split: float = 0.2,
+        epochs: int = 200,
+        progress: bool = False,
+        text_column: str | None = None,
+        label_column: str | None = None,
+        **train_options,
+    ):
         """Train a head on features from the store.
 
         Args:
@@ -356,8 +473,15 @@ class FeatureBank:
         """
         from featurebank.client.heads import Head
 
-        fs = self.features(data, labels, backbone=backbone, layer=layer, text_column=text_column,
-                           label_column=label_column, progress=progress)
+        fs = self.features(
+            data,
+            labels,
+            backbone=backbone,
+            layer=layer,
+            text_column=text_column,
+            label_column=label_column,
+            progress=progress,
+        )
         # Head.train's warnings (SmallDataWarning) are re-issued at the caller's fit_head line.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -404,8 +528,9 @@ class FeatureBank:
         Raises:
             FeatureBankError: the request failed (unknown head, a head whose backbone changed, ...).
         """
-        return drive(planning.predict(head, inputs, self._limits, version=version, cache_policy=cache_policy),
-                     self._send)
+        return drive(
+            planning.predict(head, inputs, self._limits, version=version, cache_policy=cache_policy), self._send
+        )
 
 
 def _head_proto(head, name: str, version: int) -> pb.Head:
@@ -420,22 +545,34 @@ class AsyncFeatureBank:
     """The asyncio twin of FeatureBank (same methods, awaitable); ``coalesce_linger_ms`` merges
     concurrent tasks' calls as FeatureBank's merges threads'."""
 
-    def __init__(self, target: str, *, timeout_s: float = 300.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST, token: str | None = None,
-                 tls: bool = False, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
-                 tls_key_file: str | None = None, coalesce_linger_ms: float = DEFAULT_LINGER_MS):
-        self._coalescer = (AsyncCoalescer(coalesce_linger_ms / 1000, max_items_per_request) if coalesce_linger_ms
-                           else None)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 300.0,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        coalesce_linger_ms: float = DEFAULT_LINGER_MS,
+    ):
+        self._coalescer = (
+            AsyncCoalescer(coalesce_linger_ms / 1000, max_items_per_request) if coalesce_linger_ms else None
+        )
         self.target = target
         self.timeout_s = timeout_s
         self.max_request_bytes = max_request_bytes
         self.max_items_per_request = max_items_per_request
         self._metadata = _auth_metadata(token)
-        self._channel = make_channel(target, aio=True, tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
-                                     tls_key_file=tls_key_file)
+        self._channel = make_channel(
+            target, aio=True, tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file
+        )
         self._stub = pb_grpc.FeatureBankStub(self._channel)
 
-    async def __aenter__(self) -> "AsyncFeatureBank":
+    async def __aenter__(self) -> AsyncFeatureBank:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -451,37 +588,53 @@ class AsyncFeatureBank:
     async def _send(self, call: Call, timeout_s: float | None = None):
         """Make one unary RPC of a plan (see planning.py)."""
         try:
-            return await getattr(self._stub, call.method)(call.request,
-                                                          timeout=self.timeout_s if timeout_s is None else timeout_s,
-                                                          metadata=self._metadata)
+            return await getattr(self._stub, call.method)(
+                call.request, timeout=self.timeout_s if timeout_s is None else timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise FeatureBankError.from_rpc_error(e) from None
 
-    async def extract_items(self, inputs: Iterable, *, backbone: str = "", layer: str = "",
-                            output_dtype: int = pb.FLOAT32, cache_policy: int = pb.USE,
-                            lookup_first: bool = True) -> list[ItemOutcome]:
+    async def extract_items(
+        self,
+        inputs: Iterable,
+        *,
+        backbone: str = "",
+        layer: str = "",
+        output_dtype: int = pb.FLOAT32,
+        cache_policy: int = pb.USE,
+        lookup_first: bool = True,
+    ) -> list[ItemOutcome]:
         """See FeatureBank.extract_items."""
-        options = dict(backbone=backbone, layer=layer, output_dtype=output_dtype, cache_policy=cache_policy,
-                       lookup_first=lookup_first)
+        options = dict(
+            backbone=backbone,
+            layer=layer,
+            output_dtype=output_dtype,
+            cache_policy=cache_policy,
+            lookup_first=lookup_first,
+        )
         if self._coalescer is None:
             return await drive_async(planning.extract(inputs, self._limits, **options), self._send)
 
         async def dispatch(msgs, timeout_s):
-            return await drive_async(planning.extract(msgs, self._limits, **options),
-                                     lambda call: self._send(call, timeout_s))
+            return await drive_async(
+                planning.extract(msgs, self._limits, **options), lambda call: self._send(call, timeout_s)
+            )
 
-        return await self._coalescer.run((*options.values(), self.timeout_s, self._metadata),
-                                         [to_input(x) for x in inputs], self.timeout_s, dispatch)
+        return await self._coalescer.run(
+            (*options.values(), self.timeout_s, self._metadata), [to_input(x) for x in inputs], self.timeout_s, dispatch
+        )
 
     async def extract(self, inputs: Iterable, **kwargs) -> np.ndarray:
         """See FeatureBank.extract."""
         return stack(await self.extract_items(inputs, **kwargs))
 
-    async def lookup(self, keys: Sequence[str], *, backbone: str, layer: str = "",
-                     output_dtype: int = pb.FLOAT32) -> list[ItemOutcome]:
+    async def lookup(
+        self, keys: Sequence[str], *, backbone: str, layer: str = "", output_dtype: int = pb.FLOAT32
+    ) -> list[ItemOutcome]:
         """See FeatureBank.lookup."""
-        return await drive_async(planning.lookup(keys, backbone=backbone, layer=layer, output_dtype=output_dtype),
-                                 self._send)
+        return await drive_async(
+            planning.lookup(keys, backbone=backbone, layer=layer, output_dtype=output_dtype), self._send
+        )
 
     async def backbones(self) -> list[pb.BackboneInfo]:
         """See FeatureBank.backbones."""
@@ -499,8 +652,10 @@ class AsyncFeatureBank:
         """See FeatureBank.delete_head."""
         return await drive_async(planning.delete_head(name, version), self._send)
 
-    async def predict(self, head: str, inputs: Iterable, *, version: int = 0,
-                      cache_policy: int = pb.USE) -> list[Prediction]:
+    async def predict(
+        self, head: str, inputs: Iterable, *, version: int = 0, cache_policy: int = pb.USE
+    ) -> list[Prediction]:
         """See FeatureBank.predict."""
-        return await drive_async(planning.predict(head, inputs, self._limits, version=version,
-                                                  cache_policy=cache_policy), self._send)
+        return await drive_async(
+            planning.predict(head, inputs, self._limits, version=version, cache_policy=cache_policy), self._send
+        )

@@ -64,9 +64,7 @@ def from_proto(t: pb.Tensor, max_elements: int | None = None) -> np.ndarray:
         raise TensorError(f"tensor has {n} elements, over the limit of {max_elements}")
     expected = n * dtype.itemsize
     if len(t.data) != expected:
-        raise TensorError(
-            f"tensor data is {len(t.data)} bytes but shape {list(shape)} x {dtype.name} needs {expected}"
-        )
+        raise TensorError(f"tensor data is {len(t.data)} bytes but shape {list(shape)} x {dtype.name} needs {expected}")
     try:
         return np.frombuffer(t.data, dtype=dtype).reshape(shape)
     except ValueError as e:  # e.g. an empty shape whose other dims multiply past numpy's limit

@@ -22,8 +22,9 @@ LINGER_MS = 300
 
 
 def rpcs(server) -> float:
-    return (server.metric("featurebank_requests_total", method="Extract")
-            + server.metric("featurebank_requests_total", method="Lookup"))
+    return server.metric("featurebank_requests_total", method="Extract") + server.metric(
+        "featurebank_requests_total", method="Lookup"
+    )
 
 
 def in_threads(fn, n: int = THREADS) -> list:
@@ -68,7 +69,7 @@ def test_concurrent_single_item_calls_make_far_fewer_rpcs(server, coalescing_ban
     expected = plain_bank.extract(images, backbone="toy")
     for k in range(THREADS):
         assert not isinstance(got[k], Exception), got[k]
-        np.testing.assert_array_equal(got[k], expected[k:k + 1])
+        np.testing.assert_array_equal(got[k], expected[k : k + 1])
 
 
 def test_coalescing_off_sends_one_call_per_caller(server, plain_bank):
@@ -87,7 +88,7 @@ def test_each_caller_gets_its_own_outcomes_and_item_errors(server, coalescing_ba
     plain_bank.extract(images[::2], backbone="toy")  # some hits, some misses in every batch
 
     def inputs(k):
-        own = images[3 * k:3 * k + 1 + k % 3]
+        own = images[3 * k : 3 * k + 1 + k % 3]
         return own + [b"not an image"] if k % 4 == 1 else own
 
     before = rpcs(server)
@@ -152,7 +153,7 @@ def test_async_tasks_are_coalesced_with_their_own_results(server, plain_bank):
     assert rpcs(server) - before <= 4  # the first task alone (no linger), the other 15 in one batch
     expected = plain_bank.extract(images, backbone="toy")
     for k in range(THREADS):
-        np.testing.assert_array_equal(got[k], expected[k:k + 1])
+        np.testing.assert_array_equal(got[k], expected[k : k + 1])
 
 
 def test_async_cancelled_caller_does_not_break_its_batch(server):

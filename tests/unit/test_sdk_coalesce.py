@@ -20,8 +20,12 @@ def msgs(*texts: str) -> list[pb.Input]:
 
 def answer(batch, timeout_s):
     """Outcomes as the planning core returns them: merged indices; every 'bad' text an item error."""
-    return [ItemOutcome(i, m.text, False, None, FeatureBankError(grpc.StatusCode.INVALID_ARGUMENT, "bad", i))
-            if m.text == "bad" else ItemOutcome(i, m.text, False, None, None) for i, m in enumerate(batch)]
+    return [
+        ItemOutcome(i, m.text, False, None, FeatureBankError(grpc.StatusCode.INVALID_ARGUMENT, "bad", i))
+        if m.text == "bad"
+        else ItemOutcome(i, m.text, False, None, None)
+        for i, m in enumerate(batch)
+    ]
 
 
 class InFlight:
@@ -56,8 +60,9 @@ def test_lingering_batch_scatters_own_indices_and_errors_and_spends_the_callers_
 
     results: dict[str, list[ItemOutcome]] = {}
     calls = {"a": msgs("a0", "a1"), "b": msgs("b0", "bad", "b2")}
-    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, c.run("k", calls[n], 10.0, record)))
-               for n in calls]
+    threads = [
+        threading.Thread(target=lambda n=n: results.__setitem__(n, c.run("k", calls[n], 10.0, record))) for n in calls
+    ]
     for t in threads:
         t.start()
     for t in threads:
