@@ -54,10 +54,22 @@ class PodSpec:
     def port(self, name: str) -> int:
         return next(p["containerPort"] for p in self.container["ports"] if p["name"] == name)
 
-    def probe_services(self) -> list[str]:
-        """The gRPC health services the probes ask for ("" is the server as a whole)."""
+    def port_names(self) -> list[str]:
+        return [p["name"] for p in self.container["ports"]]
+
+    def port_name(self, port: int | str) -> str:
+        """The name of a container port given by number or name (as a probe may give it)."""
+        for p in self.container["ports"]:
+            if port in (p["containerPort"], p["name"]):
+                return p["name"]
+        raise PodSpecError(f"a probe uses port {port!r}, which the container does not declare in `ports`")
+
+    def probes(self) -> list[tuple[int | str, str]]:
+        """The (port, gRPC health service) pairs the probes ask ("" is the server as a whole)."""
         probes = [self.container.get(p, {}).get("grpc") for p in ("startupProbe", "readinessProbe", "livenessProbe")]
-        return sorted({p.get("service", "") for p in probes if p})
+        if not any(probes):
+            raise PodSpecError("the container has no gRPC probe: smoke.py waits for SERVING the way they ask")
+        return sorted({(p["port"], p.get("service", "")) for p in probes if p}, key=str)
 
     def env(self, secret_values: dict[str, dict[str, str]]) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -89,6 +101,9 @@ class PodSpec:
                 f"the pod needs Secret {name!r}, which smoke.py does not create: add it to secret_values()"
             )
         return secret_values[name]
+
+    def fs_group(self) -> int | None:
+        return self.pod.get("securityContext", {}).get("fsGroup")
 
     def volumes(self) -> list[tuple[dict, dict]]:
         """(volume, mount) for each volumeMount of the container."""

@@ -55,8 +55,12 @@ CPU_TAG = "localhost/featurebank:smoke-cpu"
 GPU_TAG = "localhost/featurebank:smoke-gpu"
 IMAGES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.png")
 TEXTS = ("a cat sleeping on a sofa", "the rocket lifts off at dawn", "freshly ground coffee beans")
-# The Secret the smoke plays the part of: the pod reads the Redis URL from it (deploy/README.md, step 2).
+# The Secrets the smoke plays the part of: the pod reads the Redis URLs from them (deploy/README.md, step 2).
 REDIS_SECRET = "featurebank-redis"
+HEADS_REDIS_SECRET = "featurebank-heads-redis"
+# The heads Redis as components/heads-redis configures it: the server refuses heads in an
+# allkeys-* Redis, and warns about one that neither appends nor snapshots.
+HEADS_REDIS_ARGS = ("--maxmemory", "512mb", "--maxmemory-policy", "noeviction", "--appendonly", "yes")
 # Where the tenants file is mounted when the manifests do not mount one themselves.
 DEFAULT_TOKENS_FILE = "/var/run/secrets/featurebank/tokens.json"
 # podman asks the runtime for these limits; a host whose hard limits are lower (a sandboxed VM)
@@ -226,37 +230,45 @@ class Smoke:
         self.overrides = overrides  # env over the ConfigMap's, in the container and outside it alike
         self.workdir = workdir
         self.token, self.tenant_secret = secrets.token_hex(16), secrets.token_hex(16)
-        self.redis_password = secrets.token_hex(16)
-        # The pod's Redis: a real Redis-protocol server with a password, reached from the container
-        # through the host's loopback (podman's slirp4netns) or the host gateway (docker).
+        # The pod's two Redis (the cache's and the heads'): real Redis-protocol servers, each with
+        # its own password, reached from the container through the host's loopback (podman's
+        # slirp4netns) or the host gateway (docker).
         bind = "127.0.0.1" if is_podman(engine) else "0.0.0.0"
-        password = self.redis_password
 
         class PasswordRedis(RedisProcess):
+            def __init__(self, extra_args: tuple[str, ...] = ()):
+                self.password = secrets.token_hex(16)
+                super().__init__(extra_args=("--requirepass", self.password, "--bind", bind, *extra_args))
+
             def ping(self) -> bool:
                 import redis
 
                 try:
-                    return bool(redis.Redis(port=self.port, password=password, socket_timeout=0.5).ping())
+                    return bool(redis.Redis(port=self.port, password=self.password, socket_timeout=0.5).ping())
                 except Exception:
                     return False
 
-        self.redis = PasswordRedis(extra_args=("--requirepass", password, "--bind", bind)).start()
+            def url_from(self, host: str, db: int) -> str:
+                return f"redis://:{self.password}@{host}:{self.port}/{db}"
+
+        self.redis = PasswordRedis().start()
+        self.heads_redis = PasswordRedis(HEADS_REDIS_ARGS).start()
         self.name = f"featurebank-smoke-{os.getpid()}"
         self.results: dict = {}
 
-    def redis_url(self, host: str, db: int) -> str:
-        return f"redis://:{self.redis_password}@{host}:{self.redis.port}/{db}"
-
-    def secret_values(self) -> dict[str, dict[str, str]]:
-        host = "10.0.2.2" if is_podman(self.engine) else "host.docker.internal"
-        return {REDIS_SECRET: {"url": self.redis_url(host, 0), "password": self.redis_password}}
+    def secret_values(self, host: str | None = None, db: int = 0) -> dict[str, dict[str, str]]:
+        """The Secrets' values, with the Redis URLs as seen from ``host`` (default: from the container)."""
+        host = host or ("10.0.2.2" if is_podman(self.engine) else "host.docker.internal")
+        return {
+            REDIS_SECRET: {"url": self.redis.url_from(host, db), "password": self.redis.password},
+            HEADS_REDIS_SECRET: {"url": self.heads_redis.url_from(host, db), "password": self.heads_redis.password},
+        }
 
     def network_args(self, spec: PodSpec) -> tuple[list[str], dict[str, int]]:
         """A network namespace of its own (like a pod's), its ports published on free loopback ports."""
         from tests.support import free_port
 
-        ports = {name: free_port() for name in ("grpc", "metrics")}
+        ports = {name: free_port() for name in spec.port_names()}
         if is_podman(self.engine):
             args = ["--network", "slirp4netns:allow_host_loopback=true"]
         else:
@@ -282,7 +294,9 @@ class Smoke:
                     for key, value in spec.configmaps[volume["configMap"]["name"]].items():
                         (host_dir / key).write_text(value)
                 if tokens_file.startswith(target.rstrip("/") + "/"):
-                    self._write_tokens(host_dir / os.path.relpath(tokens_file, target))
+                    # As the kubelet writes a Secret volume: its defaultMode, group fsGroup.
+                    mode = volume.get("secret", {}).get("defaultMode", 0o644)
+                    self._write_tokens(host_dir / os.path.relpath(tokens_file, target), mode, spec.fs_group())
                 args += ["-v", f"{host_dir}:{target}:ro"]
             else:
                 raise SmokeError(f"volume {volume['name']!r}: smoke.py knows emptyDir, secret and configMap only")
@@ -296,10 +310,14 @@ class Smoke:
             env["FEATUREBANK_TOKENS_FILE"] = DEFAULT_TOKENS_FILE
         return args
 
-    def _write_tokens(self, path: pathlib.Path) -> None:
+    def _write_tokens(self, path: pathlib.Path, mode: int = 0o644, group: int | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         path.write_text(tenants_json(self.token, self.tenant_secret))
-        path.chmod(0o644)  # a Secret volume's default mode: readable by the pod's non-root user
+        if group is not None and os.geteuid() == 0:
+            os.chown(path, 0, group)  # only root may give a file away; else the mode must allow "other"
+        elif not mode & 0o004:
+            mode |= 0o004
+        path.chmod(mode)
 
     def run_container(self, spec: PodSpec, tag: str) -> None:
         env = {**spec.env(self.secret_values()), **self.overrides}
@@ -327,21 +345,25 @@ class Smoke:
             str(env_file),
             tag,
         ]
-        shown = {k: ("<secret>" if k == "FEATUREBANK_REDIS_URL" else v) for k, v in sorted(env.items())}
+        shown = {k: ("<secret>" if k.endswith("REDIS_URL") else v) for k, v in sorted(env.items())}
         log.info("env: %s", " ".join(f"{k}={v}" for k, v in shown.items()))
         log.info("running: %s", shlex.join(command))
         self.started = time.monotonic()
         run(command, timeout_s=300)
 
     def wait_serving(self, spec: PodSpec, timeout_s: float) -> float:
-        target = f"127.0.0.1:{self.ports['grpc']}"
-        services = spec.probe_services()
+        """Until every probe's (port, service) answers SERVING, asked where the kubelet asks: the probe's port."""
+        probes = spec.probes()
         deadline = self.started + timeout_s
         while True:
-            status = {s: health(target, s) for s in services}
+            status = {(port, s): health(f"127.0.0.1:{self.ports[spec.port_name(port)]}", s) for port, s in probes}
             if all(v == "SERVING" for v in status.values()):
                 seconds = time.monotonic() - self.started
-                log.info("health SERVING (services %s) %.1f s after `run`", services, seconds)
+                log.info(
+                    "health SERVING (probes %s) %.1f s after `run`",
+                    ", ".join(f"{port}/{s or '(server)'}" for port, s in probes),
+                    seconds,
+                )
                 return seconds
             state = run([*self.engine, "inspect", "--format", "{{.State.Status}}", self.name]).stdout.strip()
             if state != "running" or time.monotonic() > deadline:
@@ -413,15 +435,14 @@ class Smoke:
         """The same settings served outside the container, from this checkout; its features."""
         from tests.support import ServerProcess
 
-        env = {
-            **spec.env({REDIS_SECRET: {"url": self.redis_url("127.0.0.1", 1), "password": self.redis_password}}),
-            **self.overrides,
-        }
+        env = {**spec.env(self.secret_values("127.0.0.1", 1)), **self.overrides}
         tokens = self.workdir / "host-tokens.json"
         tokens.write_text(tenants_json(self.token, self.tenant_secret))
         env.update(FEATUREBANK_TOKENS_FILE=str(tokens))
         for name in ("FEATUREBANK_PORT", "FEATUREBANK_METRICS_PORT"):
             env.pop(name, None)  # ServerProcess picks free ports
+        if "FEATUREBANK_HEALTH_PORT" in env:
+            env["FEATUREBANK_HEALTH_PORT"] = "0"  # a free one: 50052 may be taken on this machine
         server = ServerProcess(env=env)
         try:
             server.start(timeout_s=900)
@@ -435,6 +456,7 @@ class Smoke:
     def close(self) -> None:
         self.remove()
         self.redis.stop()
+        self.heads_redis.stop()
 
 
 def versions(engine: list[str], tag: str) -> dict[str, str]:
