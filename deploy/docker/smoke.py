@@ -8,17 +8,22 @@ outside the container for the comparison, and the bundled Redis-protocol server)
 1. build deploy/docker/Dockerfile.cpu (with ``--gpu`` also Dockerfile.gpu, then ask its TensorFlow,
    on this CPU, what it sees);
 2. render the cpu overlay (``kubectl kustomize``) and run the image as its pod spec says: the
-   ConfigMap's env, the Secrets' values (a real Redis-protocol server on the host, with a
-   password, and a tenants file mounted read-only as FEATUREBANK_TOKENS_FILE), the numeric
+   ConfigMap's env, the Secrets' values (two real Redis-protocol servers on the host, each with a
+   password: the cache's, and the heads' with maxmemory-policy noeviction and appendonly as
+   components/heads-redis; and the featurebank-tokens tenants file, mounted read-only with the
+   volume's defaultMode as FEATUREBANK_TOKENS_FILE), the numeric
    non-root user, a read-only root filesystem, all capabilities dropped, no privilege
    escalation, the memory limit, and a writable volume only where the pod mounts one;
-3. wait for gRPC health SERVING (both the startup probe's and the readiness probe's service);
+3. wait for gRPC health SERVING where the probes ask: each probe's port (the plaintext health
+   port) and service;
 4. extract features for images and texts with the SDK and the tenant's token, twice (the second
-   call must be all cache hits), scrape /metrics, and check that only the pod's volumes are writable;
+   call must be all cache hits), put a served head and predict with it (the head must land in the
+   heads Redis), scrape /metrics, and check that only the pod's volumes are writable;
 5. run the preStop hook, send SIGTERM, and check the drain: the log line, exit code 0, within
    terminationGracePeriodSeconds;
 6. start a featurebank server outside the container, from this checkout, with the same settings,
-   and compare: same backbone fingerprints, features equal bit for bit (float32).
+   and compare: same backbone fingerprints, features equal bit for bit (float32), the same
+   served head's probabilities equal.
 
 Prints the image sizes, the build time and the time to SERVING. Exits non-zero on any failure.
 The engine is $SMOKE_ENGINE (a command line, e.g. ``podman --root /var/tmp/podman``), else
@@ -45,6 +50,7 @@ import urllib.request
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # tests.support: the suite's own Redis-protocol server and server process
+sys.path.insert(0, str(REPO / "tests"))  # head_protos: a hand-built served head (no Keras training here)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from podspec import PodSpec, PodSpecError, kubernetes_bytes, render_overlay  # noqa: E402
@@ -60,6 +66,7 @@ REDIS_SECRET = "featurebank-redis"
 HEADS_REDIS_SECRET = "featurebank-heads-redis"
 # The heads Redis as components/heads-redis configures it: the server refuses heads in an
 # allkeys-* Redis, and warns about one that neither appends nor snapshots.
+HEAD_NAME = "smoke-head"
 HEADS_REDIS_ARGS = ("--maxmemory", "512mb", "--maxmemory-policy", "noeviction", "--appendonly", "yes")
 # Where the tenants file is mounted when the manifests do not mount one themselves.
 DEFAULT_TOKENS_FILE = "/var/run/secrets/featurebank/tokens.json"
@@ -183,7 +190,7 @@ def health(target: str, service: str) -> str:
 
 
 def extract_twice(target: str, token: str) -> dict:
-    """Fingerprints, then the images and texts extracted twice: misses, then hits (checked)."""
+    """Fingerprints, then the images and texts extracted twice: misses, then hits (checked); then a served head."""
     from featurebank.client import FeatureBank
 
     data = REPO / "tests" / "data"
@@ -204,7 +211,29 @@ def extract_twice(target: str, token: str) -> dict:
                 import numpy as np
 
                 result[(call, backbone)] = np.stack([o.features for o in outcomes])
+        result["head"] = served_head(bank, target, token, result["fingerprints"]["efficientnet_lite0"], images)
     return result
+
+
+def served_head(bank, target: str, token: str, fingerprint: str, images: list[bytes]):
+    """PutHead (stored in the heads Redis, which the server checked at start) then Predict; the probabilities."""
+    import numpy as np
+    from head_protos import Stub, dense_head
+
+    from featurebank.v1 import featurebank_pb2 as pb
+
+    dim = bank.extract_items(images[:1], backbone="efficientnet_lite0")[0].features.shape[-1]
+    head = dense_head(HEAD_NAME, fingerprint, widths=(dim, 3), backbone="efficientnet_lite0", layer="pooled")
+    stub = Stub(target, token)
+    try:
+        version = stub.PutHead(pb.PutHeadRequest(head=head)).version
+    finally:
+        stub.channel.close()
+    predictions = bank.predict(HEAD_NAME, images)
+    errors = [p.error for p in predictions if p.error]
+    if errors or version != 1:
+        raise SmokeError(f"served head {HEAD_NAME!r}: PutHead version {version} (expected 1), item errors {errors}")
+    return np.stack([p.probabilities for p in predictions])
 
 
 def scrape(metrics_url: str) -> dict[str, float]:
@@ -247,6 +276,11 @@ class Smoke:
                     return bool(redis.Redis(port=self.port, password=self.password, socket_timeout=0.5).ping())
                 except Exception:
                     return False
+
+            def client_with_password(self, db: int):
+                import redis
+
+                return redis.Redis(port=self.port, db=db, password=self.password, socket_timeout=5)
 
             def url_from(self, host: str, db: int) -> str:
                 return f"redis://:{self.password}@{host}:{self.port}/{db}"
@@ -373,6 +407,14 @@ class Smoke:
                 )
             time.sleep(1)
 
+    def check_heads_redis(self, db: int) -> None:
+        """The head the container stored is in the heads Redis (the Secret's), not the cache's Redis."""
+        heads = sorted(k.decode() for k in self.heads_redis.client_with_password(db).scan_iter("fbheads:*"))
+        stray = list(self.redis.client_with_password(db).scan_iter("fbheads:*"))
+        log.info("heads Redis (noeviction, password) db %d: %d fbheads keys, e.g. %s", db, len(heads), heads[:2])
+        if not any(HEAD_NAME in k for k in heads) or stray:
+            raise SmokeError(f"head {HEAD_NAME!r} not (only) in the heads Redis: heads {heads}, cache Redis {stray}")
+
     def logs(self) -> str:
         out = run([*self.engine, "logs", self.name], check=False)
         return out.stdout + out.stderr
@@ -447,7 +489,9 @@ class Smoke:
         try:
             server.start(timeout_s=900)
             log.info("host server SERVING on %s", server.target)
-            return extract_twice(server.target, self.token)
+            features = extract_twice(server.target, self.token)
+            self.check_heads_redis(1)
+            return features
         finally:
             code = server.terminate()
             if code != 0:
@@ -517,6 +561,18 @@ def compare(container: dict, host: dict, cache_dtype: str) -> None:
             float(np.max(np.abs(first - second))),
             cache_dtype,
         )
+    a, b = container["head"], host["head"]
+    head_diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.shape == b.shape else 1.0
+    log.info(
+        "served head %r on %d images: probabilities %s, identical to the host's: %s (max abs diff %.3g)",
+        HEAD_NAME,
+        len(a),
+        a.dtype,
+        "yes" if a.shape == b.shape and np.array_equal(a, b) else "no",
+        head_diff,
+    )
+    if head_diff > 1e-5:  # the head runs on features equal above; numpy/BLAS may differ in the last bits
+        differences.append(f"served head: max abs diff {head_diff:.3g}")
     if cache_dtype != "float32":
         log.info(
             "note: with FEATUREBANK_CACHE_DTYPE=%s every feature is rounded to %s before it is returned (misses "
@@ -608,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info(
                 "SDK with the tenant's token: %d images, %d texts; second call all cache hits", len(IMAGES), len(TEXTS)
             )
+            smoke.check_heads_redis(0)
             smoke.check_metrics()
             smoke.check_writable_paths(spec)
             smoke.drain(spec)
