@@ -145,6 +145,9 @@ def build(engine: list[str], flavour: str, tag: str, base_image: str | None) -> 
         "host",
         *limit_args(engine),
     ]
+    if is_podman(engine):
+        # podman's default, the OCI format, drops HEALTHCHECK; docker's format keeps it, as `docker build` does.
+        command += ["--format", "docker"]
     if base_image:
         command += ["--build-arg", f"BASE_IMAGE={base_image}"]
     log.info("building %s: %s", tag, shlex.join(command))
@@ -415,6 +418,16 @@ class Smoke:
         if not any(HEAD_NAME in k for k in heads) or stray:
             raise SmokeError(f"head {HEAD_NAME!r} not (only) in the heads Redis: heads {heads}, cache Redis {stray}")
 
+    def check_docker_healthcheck(self) -> None:
+        """The image's HEALTHCHECK (Docker's, not the kubelet's probes) passes in the pod's env, where podman can run it."""
+        if not is_podman(self.engine):
+            return
+        out = run([*self.engine, "healthcheck", "run", self.name], check=False, timeout_s=60)
+        answer = (out.stdout + out.stderr).strip() or "healthy"
+        log.info("the image's HEALTHCHECK (podman healthcheck run): exit %d, %s", out.returncode, answer)
+        if out.returncode != 0:
+            raise SmokeError(f"the image's HEALTHCHECK failed on a SERVING container: exit {out.returncode}: {answer}")
+
     def logs(self) -> str:
         out = run([*self.engine, "logs", self.name], check=False)
         return out.stdout + out.stderr
@@ -665,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
                 "SDK with the tenant's token: %d images, %d texts; second call all cache hits", len(IMAGES), len(TEXTS)
             )
             smoke.check_heads_redis(0)
+            smoke.check_docker_healthcheck()
             smoke.check_metrics()
             smoke.check_writable_paths(spec)
             smoke.drain(spec)
