@@ -28,7 +28,7 @@ def _engine():
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_cpu_image_serves_like_the_checkout():
-    """smoke.py builds the CPU image, runs it as the pod spec says (non-root, read-only root, tokens), gets SERVING, cache hits, /metrics, a clean SIGTERM drain, and features bit-for-bit equal to a server outside the container."""
+    """smoke.py builds the CPU image, runs it as the pod spec says (non-root, read-only root, tokens, both Redis Secrets), gets SERVING on the probes' health port, cache hits, a served head stored in the heads Redis, /metrics, a clean SIGTERM drain, and features bit-for-bit equal to a server outside the container."""
     if os.environ.get(ENABLE) != "1":
         pytest.skip(
             f"container smoke is opt-in: set {ENABLE}=1 (and SMOKE_BASE_IMAGE / SMOKE_ENGINE as deploy/README.md says)"
