@@ -20,6 +20,15 @@ from featurebank.workers.backbones.base import BackboneInfo, LayerSpec
 PROMPT_S = 5.0  # generous bound for "at once" on a noisy machine
 
 
+async def until(condition, what: str = "the condition") -> None:
+    """Let the loop run until ``condition()`` holds (a loaded machine may need many turns)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + PROMPT_S
+    while not condition():
+        assert loop.time() < give_up, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
 class Owner:
     """An owner coroutine whose progress the test controls with events."""
 
@@ -123,8 +132,7 @@ async def test_a_resolved_flight_is_joinable_until_its_owner_ends():
     again, started = group.join("k", Owner())
     assert not started and await asyncio.wait_for(group.wait(again), PROMPT_S) == "value"
     finish.set()
-    await asyncio.sleep(0.01)
-    assert "k" not in group
+    await until(lambda: "k" not in group, "the finished owner to leave the group")
 
 
 async def test_a_failed_owner_frees_the_key_while_it_cleans_up():
@@ -164,7 +172,7 @@ async def test_coalescer_sends_one_call_per_loop_turn_and_survives_a_caller_leav
 
     c = Coalescer(double_many)
     futures = [asyncio.ensure_future(c(i)) for i in range(4)]
-    await asyncio.sleep(0.01)
+    await until(lambda: calls, "the batched call")
     futures[0].cancel()
     gate.set()
     assert await asyncio.wait_for(asyncio.gather(*futures[1:]), PROMPT_S) == [2, 4, 6]
@@ -212,14 +220,14 @@ async def test_a_cancelled_leader_still_answers_the_joiner_and_writes_the_cache(
     worker = asyncio.ensure_future(_worker(served.batcher, go))
     try:
         leader = asyncio.ensure_future(misses.compute(served, "pooled", ["k"], {"k": b"abc"}, deadline=None))
-        await asyncio.sleep(0.01)
+        await until(lambda: "k" in misses.flights, "the leader's flight")
         joiner = asyncio.ensure_future(misses.compute(served, "pooled", ["k"], {"k": b"abc"}, deadline=None))
-        await asyncio.sleep(0.01)
+        await until(lambda: misses.flights.get("k").waiters == 2, "the joiner to join")
         leader.cancel()
         go.set()
         result = (await asyncio.wait_for(joiner, PROMPT_S))["k"]
         np.testing.assert_array_equal(result.features, [3, 3, 3, 3])
-        await asyncio.sleep(0.01)
+        await until(lambda: "k" not in misses.flights, "the owner to write and leave")
         np.testing.assert_array_equal(codec.decode((await cache.get_many(["k"]))[0]), [3, 3, 3, 3])
         assert "k" not in misses.flights
     finally:
@@ -231,11 +239,9 @@ async def test_every_caller_leaving_drops_the_queued_item_and_frees_the_key():
     can be computed afresh by the next request."""
     misses, served, _ = _miss_path()
     first = asyncio.ensure_future(misses.compute(served, "pooled", ["k"], {"k": b"abc"}, deadline=None))
-    await asyncio.sleep(0.01)
-    assert len(served.batcher) == 1
+    await until(lambda: len(served.batcher) == 1, "the item queued")
     first.cancel()
-    await asyncio.sleep(0.01)
-    assert "k" not in misses.flights
+    await until(lambda: "k" not in misses.flights, "the key freed")
     go = asyncio.Event()
     go.set()
     worker = asyncio.ensure_future(_worker(served.batcher, go))
