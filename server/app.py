@@ -220,9 +220,9 @@ class FeatureBankServer:
             claim_ttl_ms=c.claim_ttl_ms,
             head_limits=HeadLimits(c.head_parameters_limit, c.max_head_width),
             heads_cache_bytes=c.heads_cache_bytes,
+            max_text_bytes=c.max_text_bytes,
             shared_cache_backbones=[b for b in c.shared_cache_backbones.split(",") if b],
         )
-        self.servicer.max_text_bytes = c.max_text_bytes
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(self.servicer, self.server)
         await self.server.start()
         self._write_port_file(ready=False)

@@ -106,9 +106,6 @@ def _cached_to_proto(value: bytes, header: codec.Header, want: int, out_dtype: n
 class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
     """Extract / Lookup / ListBackbones over the served backbones, the cache and the batchers."""
 
-    # Largest text input in UTF-8 bytes (the server sets --max-text-bytes).
-    max_text_bytes = 64 * 1024
-
     def __init__(
         self,
         backbones: dict[str, ServedBackbone],
@@ -124,8 +121,10 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         claim_ttl_ms: int = 30_000,
         head_limits: HeadLimits | None = None,
         heads_cache_bytes: int = 256 << 20,
+        max_text_bytes: int = 64 * 1024,
     ):
         self.cache = cache
+        self.max_text_bytes = max_text_bytes  # largest text input in UTF-8 bytes, checked before tokenizing
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
         self._storage_dtype_name = self.storage_dtype.name  # a numpy property: not per key
