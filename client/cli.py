@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import pathlib
 import sys
@@ -150,24 +149,15 @@ def _item_error_line(name: str, error) -> str:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from featurebank.server import app, config
-        from featurebank.server.ports import PortInUseError
+        from featurebank.server import config
+        from featurebank.server import main as server_main
     except ImportError as e:
         raise UsageError(f"featurebank serve needs the server extra: pip install -e '.[server]' ({e})") from None
     try:
         cfg = config.from_args(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("FEATUREBANK_LOG_LEVEL", cfg.log_level.upper())
-    import asyncio
-
-    try:
-        asyncio.run(app.serve(cfg))
-    except PortInUseError as e:
-        print(f"featurebank serve: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return server_main.run(cfg)
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:

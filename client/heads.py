@@ -10,8 +10,8 @@ import zipfile
 
 import numpy as np
 
-from featurebank.client import tensors
 from featurebank.client.datasets import FeatureSet
+from featurebank.common import tensors
 from featurebank.v1 import featurebank_pb2 as pb
 
 HEAD_KINDS = ("logistic", "mlp")

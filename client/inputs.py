@@ -7,7 +7,7 @@ import pathlib
 
 import numpy as np
 
-from featurebank.client import tensors
+from featurebank.common import tensors
 from featurebank.v1 import featurebank_pb2 as pb
 
 

@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from featurebank.client import tensors
 from featurebank.client.errors import FeatureBankError
 from featurebank.client.inputs import to_input
 from featurebank.client.keys import input_key
 from featurebank.client.results import ItemOutcome, Prediction, head_info, outcomes, prediction
+from featurebank.common import tensors
 from featurebank.v1 import featurebank_pb2 as pb
 
 # Content keys per Lookup request: 32 bytes each, so 1,024 make a ~40 KB request.

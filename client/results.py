@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from featurebank.client import tensors
 from featurebank.client.errors import FeatureBankError, status_code
+from featurebank.common import tensors
 from featurebank.v1 import featurebank_pb2 as pb
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from featurebank.client.cli import main
+from featurebank.server.main import main
 
-sys.exit(main(["serve", *sys.argv[1:]]))
+sys.exit(main())

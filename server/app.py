@@ -15,18 +15,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from featurebank.common.cache import FeatureCache, LRUCache, RedisCache
+from featurebank.common.metrics import Metrics
+from featurebank.engine.batching import DynamicBatcher
+from featurebank.engine.pool import WorkerPool
 from featurebank.server.auth import TokenAuthenticator, server_credentials
-from featurebank.server.batching import DynamicBatcher
-from featurebank.server.cache import FeatureCache, LRUCache, RedisCache
 from featurebank.server.config import ServerConfig, is_loopback
 from featurebank.server.head_store import open_head_store
 from featurebank.server.heads import HeadLimits
 from featurebank.server.interceptors import StatusInterceptor
-from featurebank.server.metrics import Metrics
 from featurebank.server.ports import PortInUseError, check_free
 from featurebank.server.servicer import FeatureBankServicer, ServedBackbone
 from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
-from featurebank.workers.pool import WorkerPool
 
 logger = logging.getLogger(__name__)
 

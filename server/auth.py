@@ -12,7 +12,7 @@ import os
 
 import grpc
 
-from featurebank.server.errors import FeatureBankError
+from featurebank.common.errors import FeatureBankError
 from featurebank.server.limits import Limits
 
 

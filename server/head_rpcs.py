@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
-from featurebank.client import tensors
+from featurebank.common import tensors
+from featurebank.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from featurebank.server.auth import current_tenant
-from featurebank.server.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from featurebank.server.heads import CompiledHead
 from featurebank.server.heads import parse_ref as parse_head_ref
 from featurebank.v1 import featurebank_pb2 as pb

@@ -12,7 +12,7 @@ import uuid
 
 import grpc
 
-from featurebank.server.errors import FailedPreconditionError, FeatureBankError, NotFoundError, UnavailableError
+from featurebank.common.errors import FailedPreconditionError, FeatureBankError, NotFoundError, UnavailableError
 from featurebank.server.heads import check_name, head_info
 from featurebank.v1 import featurebank_pb2 as pb
 
@@ -263,7 +263,7 @@ class RedisHeadStore(HeadStore):
     """
 
     def __init__(self, url: str, timeout_s: float, flag: str = "--heads-redis-url"):
-        from featurebank.server.cache import redis_client
+        from featurebank.common.cache import redis_client
 
         self.url = url
         self.flag = flag

@@ -9,8 +9,8 @@ import re
 
 import numpy as np
 
-from featurebank.client import tensors
-from featurebank.server.errors import InvalidArgumentError
+from featurebank.common import tensors
+from featurebank.common.errors import InvalidArgumentError
 from featurebank.v1 import featurebank_pb2 as pb
 
 HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

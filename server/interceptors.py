@@ -9,10 +9,10 @@ import time
 
 import grpc
 
+from featurebank.common.errors import FeatureBankError, InvalidArgumentError
+from featurebank.common.metrics import Metrics
 from featurebank.server.auth import TokenAuthenticator, current_tenant
-from featurebank.server.errors import FeatureBankError, InvalidArgumentError
 from featurebank.server.limits import TenantGate, current_gate
-from featurebank.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import time
 
 import grpc
 
-from featurebank.server.errors import FeatureBankError
+from featurebank.common.errors import FeatureBankError
 
 
 class TenantLimitError(FeatureBankError):

@@ -14,25 +14,24 @@ from typing import Any
 import grpc
 import numpy as np
 
-from featurebank.client import keys as content_keys
-from featurebank.client import tensors
-from featurebank.server import codec
-from featurebank.server.auth import current_tenant
-from featurebank.server.batching import DynamicBatcher
-from featurebank.server.cache import FeatureCache
-from featurebank.server.errors import (
+from featurebank.common import codec, tensors
+from featurebank.common import keys as content_keys
+from featurebank.common.cache import FeatureCache
+from featurebank.common.errors import (
     FeatureBankError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
 )
+from featurebank.common.metrics import Metrics
+from featurebank.engine.batching import DynamicBatcher
+from featurebank.engine.misses import MissPath
+from featurebank.server.auth import current_tenant
 from featurebank.server.head_rpcs import HeadRPCs
 from featurebank.server.head_store import DirectoryHeadStore, HeadStore
 from featurebank.server.heads import CompiledHeadCache, HeadLimits
 from featurebank.server.keys import cache_key, cache_keys
 from featurebank.server.limits import current_gate, items_in_flight
-from featurebank.server.metrics import Metrics
-from featurebank.server.misses import MissPath
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 from featurebank.workers.backbones.base import BackboneInfo, InputItem
@@ -62,7 +61,7 @@ class ServedBackbone:
 
     info: BackboneInfo
     batcher: DynamicBatcher
-    pool: Any = None  # a featurebank.workers.pool.WorkerPool
+    pool: Any = None  # a featurebank.engine.pool.WorkerPool
 
     @property
     def layers(self) -> dict[str, tuple[int, ...]]:

@@ -15,7 +15,7 @@ with atheris.instrument_imports():
 
     from featurebank.client import tensors
     from featurebank.client.keys import input_key
-    from featurebank.server import codec
+    from featurebank.common import codec
     from featurebank.v1 import featurebank_pb2 as pb
     from featurebank.workers.backbones.base import InvalidInputError, decode_image, pixels_from_tensor
 

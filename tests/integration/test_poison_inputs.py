@@ -8,11 +8,11 @@ import grpc
 import pytest
 
 from featurebank.client import FeatureBank
-from featurebank.server.batching import DynamicBatcher, PendingItem
-from featurebank.server.errors import WorkerCrashError
-from featurebank.server.metrics import Metrics
+from featurebank.common.errors import WorkerCrashError
+from featurebank.common.metrics import Metrics
+from featurebank.engine.batching import DynamicBatcher, PendingItem
+from featurebank.engine.pool import WorkerPool
 from featurebank.workers.backbones.base import InputItem
-from featurebank.workers.pool import WorkerPool
 from fixture_backbones import KILL_MARKER
 from support import random_images
 

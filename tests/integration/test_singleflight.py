@@ -146,8 +146,8 @@ def test_claims_are_leases_with_an_owner_token(redis_server):
     taken at all when the value is already cached."""
     import asyncio
 
-    from featurebank.server.cache import CLAIM_CACHED, CLAIM_HELD, CLAIM_TAKEN, RedisCache, claim_key
-    from featurebank.server.metrics import Metrics
+    from featurebank.common.cache import CLAIM_CACHED, CLAIM_HELD, CLAIM_TAKEN, RedisCache, claim_key
+    from featurebank.common.metrics import Metrics
 
     client = redis_server.client()
 

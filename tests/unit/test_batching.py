@@ -1,4 +1,4 @@
-"""The dynamic batcher (featurebank.server.batching): batch size/delay, a bounded queue, drops and requeues."""
+"""The dynamic batcher (featurebank.engine.batching): batch size/delay, a bounded queue, drops and requeues."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import asyncio
 import grpc
 import pytest
 
-from featurebank.server.batching import DynamicBatcher, PendingItem
-from featurebank.server.errors import DeadlineExceededError, QueueFullError
+from featurebank.common.errors import DeadlineExceededError, QueueFullError
+from featurebank.engine.batching import DynamicBatcher, PendingItem
 
 # Generous bound for "returns promptly" on a noisy shared machine; every delay that must NOT elapse is far longer.
 PROMPT_S = 5.0

@@ -1,4 +1,4 @@
-"""The in-process LRU feature cache (featurebank.server.cache.LRUCache): byte bound, LRU order, TTL."""
+"""The in-process LRU feature cache (featurebank.common.cache.LRUCache): byte bound, LRU order, TTL."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from featurebank.server import cache as cache_module
-from featurebank.server.cache import LRUCache
+from featurebank.common import cache as cache_module
+from featurebank.common.cache import LRUCache
 
 DAY = 24 * 3600.0
 

@@ -1,4 +1,4 @@
-"""The cache value format (featurebank.server.codec): round trips exactly, and corruption is never read as features."""
+"""The cache value format (featurebank.common.codec): round trips exactly, and corruption is never read as features."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from featurebank.server import codec
-from featurebank.server.codec import CorruptValueError
+from featurebank.common import codec
+from featurebank.common.codec import CorruptValueError
 
 # Byte layout of an encoded value (see codec.encode): magic(2) version(1) dtype(1) ndim(1) shape(4*ndim) crc32(4) data.
 VERSION_BYTE, DTYPE_BYTE, NDIM_BYTE = 2, 3, 4

@@ -27,8 +27,8 @@ yaml = pytest.importorskip(
     "yaml", reason="PyYAML (a dependency of kubernetes-validate and of keras-hub) is needed to read the manifests"
 )
 
+from featurebank.common.metrics import Metrics  # noqa: E402
 from featurebank.server import config as server_config  # noqa: E402
-from featurebank.server.metrics import Metrics  # noqa: E402
 from featurebank.v1 import featurebank_pb2  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -354,7 +354,7 @@ def test_server_requires_the_tokens_secret(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_covers_prestop_and_drain(overlay):
     """terminationGracePeriodSeconds exceeds the preStop sleep plus FEATUREBANK_GRACE_PERIOD_S plus the worker stop timeout, so the kubelet never SIGKILLs a draining server."""
-    from featurebank.workers.pool import WorkerProcess
+    from featurebank.engine.pool import WorkerProcess
 
     objects = render(overlay)
     pod = server_deployment(objects)["spec"]["template"]["spec"]
@@ -664,7 +664,7 @@ def test_every_referenced_metric_is_exported():
     for path in sorted(K8S.rglob("*.yaml")):
         note(path.relative_to(REPO).as_posix(), path.read_text())
     unknown = {name: sorted(where) for name, where in referenced.items() if name not in exported}
-    assert not unknown, f"not exported by featurebank.server.metrics: {unknown}"
+    assert not unknown, f"not exported by featurebank.common.metrics: {unknown}"
     hpa = yaml.safe_load((K8S / "base" / "hpa.yaml").read_text())
     assert {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"} == {
         "featurebank_queue_depth"
@@ -894,6 +894,22 @@ def test_dockerignore_keeps_what_the_dockerfiles_copy():
                 for f in files:
                     rel = f.relative_to(REPO).as_posix()
                     assert not dockerignore_excludes(rel, patterns), f"{rel} is COPY'd but .dockerignore drops it"
+
+
+def test_dockerfiles_copy_every_package_directory():
+    """Each Dockerfile's build stage COPYs every source directory pyproject installs a package from, so the image has them all."""
+    import tomllib
+
+    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    tops = {d.split("/")[0] for d in package_dirs.values()}
+    for flavour in OVERLAYS:
+        copied = {
+            source.rstrip("/")
+            for op, args in instructions(dockerfile(flavour))
+            if op == "COPY" and "--from=" not in args
+            for source in args.split()[:-1]
+        }
+        assert tops <= copied, f"{flavour}: the Dockerfile does not COPY {sorted(tops - copied)}"
 
 
 def test_deploy_readme_paths_exist():

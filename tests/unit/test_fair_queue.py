@@ -1,4 +1,4 @@
-"""Tenants share the batch queue (server/batching.py): bounded shares, room for newcomers, batches in turns."""
+"""Tenants share the batch queue (engine/batching.py): bounded shares, room for newcomers, batches in turns."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from featurebank.server.batching import DynamicBatcher, PendingItem
-from featurebank.server.errors import QueueFullError
+from featurebank.common.errors import QueueFullError
+from featurebank.engine.batching import DynamicBatcher, PendingItem
 
 PROMPT_S = 5.0
 

@@ -20,7 +20,7 @@ def test_fuzz_request_parsing_and_decoding_for_a_bounded_time(tmp_path):
     from PIL import Image
 
     from featurebank.client import tensors
-    from featurebank.server import codec
+    from featurebank.common import codec
     from featurebank.v1 import featurebank_pb2 as pb
 
     corpus = tmp_path / "corpus"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from featurebank.client import tensors
-from featurebank.server.errors import InvalidArgumentError
+from featurebank.common.errors import InvalidArgumentError
 from featurebank.server.heads import CompiledHead, CompiledHeadCache, HeadLimits, erf, parse_ref
 from featurebank.v1 import featurebank_pb2 as pb
 

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from featurebank.client import content_key, tensors
-from featurebank.server import codec
-from featurebank.server.batching import DynamicBatcher
-from featurebank.server.cache import LRUCache
-from featurebank.server.metrics import Metrics
+from featurebank.common import codec
+from featurebank.common.cache import LRUCache
+from featurebank.common.metrics import Metrics
+from featurebank.engine.batching import DynamicBatcher
 from featurebank.server.servicer import (
     _OUTPUT_DTYPES,
     _OUTPUT_TENSOR_DTYPES,

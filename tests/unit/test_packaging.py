@@ -13,7 +13,7 @@ import sysconfig
 import pytest
 
 DIST = "featurebank"
-REPO_DIRS = ("server", "workers", "client", "proto")
+REPO_DIRS = ("server", "engine", "common", "workers", "client", "proto")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_bare_repo_dirs_are_not_importable(tmp_path):
     code = (
         "import importlib.util, json;"
         f"print(json.dumps({{n: importlib.util.find_spec(n) is not None for n in {list(REPO_DIRS)!r}}}));"
-        "import featurebank.server.codec, featurebank.workers.backbones.registry, featurebank.client, featurebank.v1.featurebank_pb2"
+        "import featurebank.common.codec, featurebank.workers.backbones.registry, featurebank.client, featurebank.v1.featurebank_pb2"
     )
     r = python(code, tmp_path)
     assert r.returncode == 0, r.stderr

@@ -53,7 +53,7 @@ def test_requires_python_is_the_version_ci_tests():
 def test_floor_provides_what_the_server_uses():
     """asyncio.timeout (3.11), used by the Redis cache, exists at the declared floor."""
     floor = _floor(SpecifierSet(_project()["requires-python"]))
-    assert floor >= Version("3.11"), "server/cache.py uses asyncio.timeout, new in Python 3.11"
+    assert floor >= Version("3.11"), "common/cache.py uses asyncio.timeout, new in Python 3.11"
     assert hasattr(asyncio, "timeout")
 
 
@@ -61,8 +61,8 @@ async def test_a_programming_error_in_the_cache_is_not_swallowed(monkeypatch):
     """An AttributeError raised by the cache's own code (asyncio.timeout missing, as on 3.10) propagates instead of silently meaning 'uncached'."""
     import redis.asyncio  # noqa: F401  (imported first: on 3.10 redis-py brings its own timeout; only cache.py would miss it)
 
-    from featurebank.server.cache import RedisCache
-    from featurebank.server.metrics import Metrics
+    from featurebank.common.cache import RedisCache
+    from featurebank.common.metrics import Metrics
 
     monkeypatch.delattr(asyncio, "timeout")  # what Python 3.10 looks like to cache.py
     cache = RedisCache("redis://127.0.0.1:9/0", ttl_seconds=60, timeout_s=0.5, metrics=Metrics())

@@ -10,9 +10,9 @@ import time
 
 import grpc
 
-from featurebank.server.cache import RedisCache
+from featurebank.common.cache import RedisCache
+from featurebank.common.metrics import Metrics
 from featurebank.server.interceptors import StatusInterceptor
-from featurebank.server.metrics import Metrics
 
 Details = collections.namedtuple("Details", "method invocation_metadata")
 

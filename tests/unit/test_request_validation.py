@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from featurebank.server.batching import DynamicBatcher
-from featurebank.server.cache import LRUCache
-from featurebank.server.metrics import Metrics
+from featurebank.common.cache import LRUCache
+from featurebank.common.metrics import Metrics
+from featurebank.engine.batching import DynamicBatcher
 from featurebank.server.servicer import FeatureBankServicer, ItemFailure, ServedBackbone
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.workers.backbones.base import BackboneInfo, LayerSpec

@@ -1,4 +1,4 @@
-"""Single-flight (server/singleflight.py, server/misses.py): one owner per key that outlives its callers."""
+"""Single-flight (engine/singleflight.py, engine/misses.py): one owner per key that outlives its callers."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import asyncio
 import numpy as np
 import pytest
 
-from featurebank.server import codec
-from featurebank.server.batching import DynamicBatcher
-from featurebank.server.cache import LRUCache
-from featurebank.server.coalesce import Coalescer
-from featurebank.server.errors import QueueFullError
-from featurebank.server.metrics import Metrics
-from featurebank.server.misses import MissPath
-from featurebank.server.singleflight import Group
+from featurebank.common import codec
+from featurebank.common.cache import LRUCache
+from featurebank.common.errors import QueueFullError
+from featurebank.common.metrics import Metrics
+from featurebank.engine.batching import DynamicBatcher
+from featurebank.engine.coalesce import Coalescer
+from featurebank.engine.misses import MissPath
+from featurebank.engine.singleflight import Group
 from featurebank.workers.backbones.base import BackboneInfo, LayerSpec
 
 PROMPT_S = 5.0  # generous bound for "at once" on a noisy machine

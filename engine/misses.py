@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from featurebank.server import codec
-from featurebank.server.batching import PendingItem
-from featurebank.server.cache import CLAIM_CACHED, CLAIM_TAKEN, FeatureCache
-from featurebank.server.coalesce import Coalescer
-from featurebank.server.errors import QueueFullError
-from featurebank.server.metrics import Metrics
-from featurebank.server.singleflight import Flight, Group
+from featurebank.common import codec
+from featurebank.common.cache import CLAIM_CACHED, CLAIM_TAKEN, FeatureCache
+from featurebank.common.errors import QueueFullError
+from featurebank.common.metrics import Metrics
+from featurebank.engine.batching import PendingItem
+from featurebank.engine.coalesce import Coalescer
+from featurebank.engine.singleflight import Flight, Group
 
 logger = logging.getLogger(__name__)
 

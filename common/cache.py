@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from featurebank.server.metrics import Metrics
+from featurebank.common.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

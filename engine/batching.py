@@ -8,7 +8,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from featurebank.server.errors import DeadlineExceededError, QueueFullError
+from featurebank.common.errors import DeadlineExceededError, QueueFullError
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from featurebank.server.batching import DynamicBatcher, PendingItem
-from featurebank.server.errors import FeatureBankError, WorkerCrashError
-from featurebank.server.metrics import Metrics
+from featurebank.common.errors import FeatureBankError, WorkerCrashError
+from featurebank.common.metrics import Metrics
+from featurebank.engine.batching import DynamicBatcher, PendingItem
 from featurebank.workers import worker as worker_main
 from featurebank.workers.backbones.base import BackboneInfo
 from featurebank.workers.messages import Batch, BatchResult, Shutdown, WorkerFailed, WorkerReady, WorkerSetup

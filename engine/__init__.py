@@ -1,0 +1,1 @@
+"""The engine: dynamic batchers, single-flight over missed inputs, and the model worker pools behind them."""
