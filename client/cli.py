@@ -151,6 +151,7 @@ def _item_error_line(name: str, error) -> str:
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from featurebank.server import app, config
+        from featurebank.server.embedded_cache import EmbeddedCacheError
         from featurebank.server.ports import PortInUseError
     except ImportError as e:
         raise UsageError(f"featurebank serve needs the server extra: pip install -e '.[server]' ({e})") from None
@@ -164,7 +165,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(app.serve(cfg))
-    except PortInUseError as e:
+    except (PortInUseError, EmbeddedCacheError) as e:
         print(f"featurebank serve: {e}", file=sys.stderr)
         return 1
     return 0
