@@ -145,10 +145,7 @@ class FeatureBankServer:
             await self.health.set(SERVICE_NAME, overall)
 
     async def start(self) -> None:
-        """Start the embedded cache (if ours) before anything else, so that its failure costs no
-        model loading; then the rest. A failed start stops it again."""
-        if self.embedded_cache is not None:
-            self.embedded_cache.start()  # in the loop's (main) thread: valkey stops when that thread ends
+        """Start everything (see _start_serving); a failed start stops the embedded cache again."""
         try:
             await self._start_serving()
         except BaseException:
@@ -168,6 +165,8 @@ class FeatureBankServer:
         check_free("gRPC", c.host, c.port, "--port")  # before any worker is spawned for nothing
         if c.metrics_port > 0:
             check_free("metrics", metrics_addr, c.metrics_port, "--metrics-port")
+        if self.embedded_cache is not None:  # before the workers: a failure costs no model loading
+            self.embedded_cache.start()  # in the loop's (main) thread: valkey stops when that thread ends
         self._make_pools()
         for pool in self.pools.values():
             pool.spawn()  # workers load their backbones while the rest starts
