@@ -74,6 +74,7 @@ class FeatureBankServer:
         self.metrics = Metrics()
         own = config.cache_kind == "embedded" and not cache_url
         self.embedded_cache = EmbeddedCache.from_config(config) if own else None
+        self._embedded_watch: asyncio.Future | None = None  # restarts valkey if it dies while serving
         self.cache = make_cache(config, self.metrics, cache_url)
         self.heads = open_head_store(config)
         self.health = health.aio.HealthServicer()
@@ -153,6 +154,8 @@ class FeatureBankServer:
             raise
 
     async def _stop_embedded_cache(self) -> None:
+        if self._embedded_watch is not None:
+            self._embedded_watch.cancel()  # before stopping valkey, or it would be restarted
         if self.embedded_cache is not None:
             await self.cache.close()
             await asyncio.to_thread(self.embedded_cache.stop)  # waits for its final snapshot
@@ -167,6 +170,7 @@ class FeatureBankServer:
             check_free("metrics", metrics_addr, c.metrics_port, "--metrics-port")
         if self.embedded_cache is not None:  # before the workers: a failure costs no model loading
             self.embedded_cache.start()  # in the loop's (main) thread: valkey stops when that thread ends
+            self._embedded_watch = asyncio.ensure_future(self.embedded_cache.supervise())
         self._make_pools()
         for pool in self.pools.values():
             pool.spawn()  # workers load their backbones while the rest starts

@@ -367,6 +367,35 @@ class EmbeddedCache:
         logger.warning("embedded cache: snapshot %s could not be loaded; moved to %s, starting empty", rdb, bad)
         return True
 
+    # ------------------------------------------------------------------------------ supervision
+
+    async def supervise(self, interval_s: float = 0.5, max_backoff_s: float = 30.0) -> None:
+        """Restart valkey whenever it exits on its own (OOM-killed, crashed), until cancelled
+        (cancel it before stop()). Clients serve uncached meanwhile and reconnect by themselves;
+        the new valkey loads the last snapshot. Restarts that keep failing back off to max_backoff_s."""
+        import asyncio
+
+        delay_s = interval_s
+        while True:
+            await asyncio.sleep(delay_s)
+            if self.proc is None:
+                continue
+            if self.proc.poll() is None:
+                delay_s = interval_s  # running: the next exit is restarted promptly again
+                continue
+            logger.error(
+                "embedded cache: valkey-server pid %d exited %s; starting another (serving uncached meanwhile); log %s",
+                self.proc.pid,
+                self.proc.returncode,
+                self.log_path,
+            )
+            try:
+                self._stop_leftover()  # its socket and pid file
+                self._spawn(self.binary or bundled_binary())  # in this (the loop's) thread, which lives on
+            except EmbeddedCacheError as e:
+                logger.error("%s", e)
+            delay_s = min(max_backoff_s, delay_s * 2)  # back to interval_s once one is seen running
+
     # ------------------------------------------------------------------------------ stop
 
     def stop(self) -> int | None:

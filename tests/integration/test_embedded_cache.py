@@ -262,3 +262,25 @@ def test_cache_memory_runs_no_valkey(start_server):
         bank.extract_items(images, backbone="toy")
         assert [o.cache_hit for o in bank.extract_items(images, backbone="toy", lookup_first=False)] == [True] * 2
     assert server.terminate() == 0
+
+
+def test_a_valkey_killed_while_serving_is_restarted_and_caching_resumes(start_server):
+    """SIGKILL of the embedded valkey under a serving server: requests still succeed (uncached), a new valkey is started, and new features are hits again."""
+    server = start_server("--backbone", "toy")
+    (old,) = valkey_pids(server)
+    with FeatureBank(server.target, timeout_s=60) as bank:
+        os.kill(old, signal.SIGKILL)
+        answered = bank.extract_items(random_images(3, seed=1104), backbone="toy")
+        assert [o.error for o in answered] == [None] * 3
+        new = wait_until(lambda: [p for p in valkey_pids(server) if p != old], 30, "a new valkey-server")
+        assert len(new) == 1
+        images = random_images(2, seed=1105)
+
+        def cached() -> bool:
+            bank.extract_items(images, backbone="toy")
+            return all(o.cache_hit for o in bank.extract_items(images, backbone="toy", lookup_first=False))
+
+        wait_until(cached, 30, "caching to resume")
+    assert "exited -9; starting another" in server.log()
+    assert server.terminate() == 0
+    assert not alive(new[0])
