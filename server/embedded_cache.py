@@ -79,18 +79,25 @@ def bundled_binary() -> str:
         raise EmbeddedCacheError(f"no valkey-server binary ({e})") from None
 
 
-def _pdeathsig_setter():
-    """A preexec_fn asking the kernel to SIGTERM the child when its parent dies (None off Linux).
+def _child_setup():
+    """A preexec_fn: files valkey writes (snapshots hold every tenant's features) are the owner's
+    alone (umask 077), and the kernel SIGTERMs valkey when its parent dies (Linux).
 
-    Resolved in the parent, so the forked child only makes the one system call.
+    prctl is resolved in the parent, so the forked child only makes two system calls.
     """
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        prctl = None
     sig = int(signal.SIGTERM)
-    return lambda: prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    def setup() -> None:
+        os.umask(0o077)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    return setup
 
 
 def _alive(pid: int) -> bool:
@@ -193,7 +200,7 @@ class EmbeddedCache:
         if not os.access(binary, os.X_OK):
             raise EmbeddedCacheError(f"valkey-server binary {binary} is missing or not executable")
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise EmbeddedCacheError(f"cannot create --data-dir {self.data_dir} ({e.strerror})") from None
         self._lock()
@@ -302,7 +309,8 @@ class EmbeddedCache:
     def _spawn(self, binary: str) -> None:
         conf = self.data_dir / CONF_NAME
         conf.write_text(self.config_text())
-        with open(self.log_path, "ab") as log:
+        conf.chmod(0o600)
+        with open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
             self._log_offset = log.tell()
             try:
                 self.proc = subprocess.Popen(
@@ -314,7 +322,7 @@ class EmbeddedCache:
                     # Its own session: a Ctrl-C in the terminal reaches featurebank, which drains
                     # and then stops valkey; valkey must not exit (and drop the cache) first.
                     start_new_session=True,
-                    preexec_fn=_pdeathsig_setter(),
+                    preexec_fn=_child_setup(),
                 )
             except OSError as e:
                 raise EmbeddedCacheError(f"cannot run {binary} ({e.strerror})") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import stat
 
 import pytest
 import redis
@@ -76,6 +77,17 @@ async def test_cache_claims_and_scripts_work_over_the_unix_socket(embedded):
         await other_process.close()
 
 
+def test_only_the_owner_can_reach_the_cache(embedded):
+    """The embedded cache listens on no TCP port, only on a Unix socket of mode 700 in the data dir, with the configured bound and policy."""
+    e = embedded(max_bytes=16 * MiB)
+    assert stat.S_IMODE(e.socket_path.stat().st_mode) == 0o700
+    assert stat.S_IMODE(e.data_dir.stat().st_mode) == 0o700
+    config = redis.Redis(unix_socket_path=str(e.socket_path)).config_get("*")
+    assert config["port"] == "0" and config["unixsocket"] == str(e.socket_path)
+    assert config["maxmemory"] == str(16 * MiB) and config["maxmemory-policy"] == "allkeys-lru"
+    assert config["dir"] == str(e.data_dir) and config["save"] == "300 1"
+
+
 async def test_memory_stays_under_the_byte_bound_and_old_keys_are_evicted(embedded):
     """Written past --cache-max-bytes, valkey's memory stays under the bound, the oldest keys go, the newest stay, and it keeps serving."""
     e = embedded(max_bytes=8 * MiB)
@@ -105,6 +117,7 @@ def test_stop_writes_a_snapshot_the_next_start_loads(embedded, tmp_path):
     redis.Redis(unix_socket_path=str(e.socket_path)).set("k", value, ex=3600)
     e.stop()
     assert (tmp_path / "data" / RDB_NAME).stat().st_size > len(value)
+    assert stat.S_IMODE((tmp_path / "data" / RDB_NAME).stat().st_mode) == 0o600  # every tenant's features
     e2 = embedded()
     assert redis.Redis(unix_socket_path=str(e2.socket_path)).get("k") == value
 
