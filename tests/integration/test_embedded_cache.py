@@ -297,3 +297,19 @@ def test_a_valkey_killed_while_serving_is_restarted_and_caching_resumes(start_se
     assert "exited -9; starting another" in server.log()
     assert server.terminate() == 0
     assert not alive(new[0])
+
+
+def test_make_cache_selects_one_backend_and_takes_a_pod_cache_url(tmp_path):
+    """make_cache gives the in-process cache for --cache memory, the --redis-url Redis when set, the data dir's socket for embedded, and a given url (another process's embedded cache) over it."""
+    from featurebank.server.app import make_cache
+    from featurebank.server.cache import LRUCache
+    from featurebank.server.config import ServerConfig
+
+    m = Metrics()
+    assert isinstance(make_cache(ServerConfig(cache="memory", cache_max_bytes=0), m), LRUCache)
+    redis_cache = make_cache(ServerConfig(redis_url="redis://h:1/0", cache="memory"), m)
+    assert (redis_cache.name, redis_cache.url) == ("redis", "redis://h:1/0")
+    own = make_cache(ServerConfig(data_dir=str(tmp_path)), m)
+    assert (own.name, own.url) == ("embedded", f"unix://{tmp_path / SOCKET_NAME}")
+    given = make_cache(ServerConfig(data_dir=str(tmp_path)), m, "unix:///run/pod/cache.sock")
+    assert (given.name, given.url) == ("embedded", "unix:///run/pod/cache.sock")
