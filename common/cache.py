@@ -1,4 +1,4 @@
-"""Feature cache backends behind one interface: Redis (shared, TTL'd) and an in-process LRU."""
+"""Feature cache backends behind one interface: Redis-protocol (a Redis, or the embedded valkey) and an in-process LRU."""
 
 from __future__ import annotations
 
@@ -105,9 +105,9 @@ def redis_client(url: str, timeout_s: float):
 
 
 class LRUCache(FeatureCache):
-    """In-process cache bounded in bytes (values + keys), with a TTL; the default without Redis."""
+    """In-process cache bounded in bytes (values + keys), with a TTL: ``--cache memory``."""
 
-    name = "lru"
+    name = "memory"
 
     def __init__(self, max_bytes: int, ttl_seconds: float):
         self.max_bytes = max_bytes
@@ -178,7 +178,9 @@ class RedisCache(FeatureCache):
         timeout_s: float,
         metrics: Metrics,
         retry_interval_s: float = 1.0,
+        name: str = "redis",
     ):
+        self.name = name  # "embedded" for the valkey this server runs (embedded_cache.py): in logs
         self.url = url
         self.ttl_seconds = int(ttl_seconds)
         self.timeout_s = timeout_s
@@ -209,7 +211,8 @@ class RedisCache(FeatureCache):
         self._down_until = time.monotonic() + self.retry_interval_s
         if not self._outage:
             logger.warning(
-                "redis %s failed (%s: %s); serving uncached, retrying every %.1fs",
+                "%s cache %s failed (%s: %s); serving uncached, retrying every %.1fs",
+                self.name,
                 op,
                 type(err).__name__,
                 err,
@@ -219,7 +222,7 @@ class RedisCache(FeatureCache):
 
     def _ok(self) -> None:
         if self._outage:
-            logger.info("redis is back; caching resumed")
+            logger.info("%s cache is back; caching resumed", self.name)
         self._outage = False
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:

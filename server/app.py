@@ -21,6 +21,7 @@ from featurebank.engine.batching import DynamicBatcher
 from featurebank.engine.pool import WorkerPool
 from featurebank.server.auth import TokenAuthenticator, server_credentials
 from featurebank.server.config import ServerConfig, is_loopback
+from featurebank.server.embedded_cache import EmbeddedCache
 from featurebank.server.head_store import open_head_store
 from featurebank.server.heads import HeadLimits
 from featurebank.server.interceptors import StatusInterceptor
@@ -38,15 +39,19 @@ HEALTH_MAX_MESSAGE_BYTES = 64 * 1024
 HEALTH_MAX_CONCURRENT_RPCS = 16
 
 
-def make_cache(config: ServerConfig, metrics: Metrics) -> FeatureCache:
-    if config.redis_url:
-        return RedisCache(
-            config.redis_url,
-            ttl_seconds=config.cache_ttl_seconds,
-            timeout_s=config.redis_timeout_ms / 1000.0,
-            metrics=metrics,
-        )
-    return LRUCache(config.lru_max_bytes, config.cache_ttl_seconds)
+def make_cache(config: ServerConfig, metrics: Metrics, url: str = "") -> FeatureCache:
+    """The cache config.cache_kind selects; ``url`` is an embedded cache's (EmbeddedCache.url),
+    for every process of a pod that did not start it itself."""
+    if config.cache_kind == "memory":
+        return LRUCache(config.cache_max_bytes, config.cache_ttl_seconds)
+    kind = config.cache_kind
+    return RedisCache(
+        config.redis_url if kind == "redis" else url or EmbeddedCache.from_config(config).url,
+        ttl_seconds=config.cache_ttl_seconds,
+        timeout_s=config.redis_timeout_ms / 1000.0,
+        metrics=metrics,
+        name=kind,
+    )
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -62,10 +67,15 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
 class FeatureBankServer:
     """One server process: worker pools, cache, gRPC server, health and metrics endpoints."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, cache_url: str = ""):
+        """``cache_url``: an embedded cache another process of the pod runs; without it, this
+        server runs its own (with --cache embedded)."""
         self.config = config
         self.metrics = Metrics()
-        self.cache = make_cache(config, self.metrics)
+        own = config.cache_kind == "embedded" and not cache_url
+        self.embedded_cache = EmbeddedCache.from_config(config) if own else None
+        self._embedded_watch: asyncio.Future | None = None  # restarts valkey if it dies while serving
+        self.cache = make_cache(config, self.metrics, cache_url)
         self.heads = open_head_store(config)
         self.health = health.aio.HealthServicer()
         self.pools: dict[str, WorkerPool] = {}
@@ -136,6 +146,21 @@ class FeatureBankServer:
             await self.health.set(SERVICE_NAME, overall)
 
     async def start(self) -> None:
+        """Start everything (see _start_serving); a failed start stops the embedded cache again."""
+        try:
+            await self._start_serving()
+        except BaseException:
+            await self._stop_embedded_cache()
+            raise
+
+    async def _stop_embedded_cache(self) -> None:
+        if self._embedded_watch is not None:
+            self._embedded_watch.cancel()  # before stopping valkey, or it would be restarted
+        if self.embedded_cache is not None:
+            await self.cache.close()
+            await asyncio.to_thread(self.embedded_cache.stop)  # waits for its final snapshot
+
+    async def _start_serving(self) -> None:
         """Spawn the workers, open the ports (health NOT_SERVING), wait for every worker, SERVING."""
         c = self.config
         await self.heads.start()  # refuses a heads Redis that evicts, before workers take minutes to load
@@ -143,6 +168,9 @@ class FeatureBankServer:
         check_free("gRPC", c.host, c.port, "--port")  # before any worker is spawned for nothing
         if c.metrics_port > 0:
             check_free("metrics", metrics_addr, c.metrics_port, "--metrics-port")
+        if self.embedded_cache is not None:  # before the workers: a failure costs no model loading
+            self.embedded_cache.start()  # in the loop's (main) thread: valkey stops when that thread ends
+            self._embedded_watch = asyncio.ensure_future(self.embedded_cache.supervise())
         self._make_pools()
         for pool in self.pools.values():
             pool.spawn()  # workers load their backbones while the rest starts
@@ -248,12 +276,13 @@ class FeatureBankServer:
                 ", ".join(l.name for l in info.layers),
             )
         logger.info(
-            "featurebank listening on %s:%d, metrics on :%d%s, cache %s",
+            "featurebank listening on %s:%d, metrics on :%d%s, cache %s%s",
             c.host,
             self.port,
             self.metrics_port,
             f", health-only on :{self.health_port}" if self.health_port >= 0 else "",
             self.cache.name,
+            f" ({self.embedded_cache.url})" if self.embedded_cache is not None else "",
         )
         self._write_port_file(ready=True)
 
@@ -304,6 +333,7 @@ class FeatureBankServer:
             await self.health_server.stop(0)
         await self._close_pools()
         await self.cache.close()
+        await self._stop_embedded_cache()  # after the drain: in-flight requests still wrote their features
         await self.heads.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

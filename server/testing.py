@@ -350,3 +350,5 @@ class ServerProcess(ServedProcess):
             *args,
         ]
         super().__init__(argv, name=name, workdir=workdir, env=env, pythonpath=pythonpath)
+        if "FEATUREBANK_DATA_DIR" not in (env or {}):  # the embedded cache's: one per server, never the user's
+            self.env["FEATUREBANK_DATA_DIR"] = str(self.workdir / "data")

@@ -53,7 +53,11 @@ def test_default_lists_are_not_shared():
         ("cache_ttl_seconds", 0),
         ("cache_dtype", "float64"),
         ("cache_dtype", "bfloat16"),
-        ("lru_max_bytes", -1),
+        ("lru_max_bytes", -2),
+        ("cache_max_bytes", -1),
+        ("cache_max_bytes", 8 * 1024 * 1024 - 1),  # below what the embedded cache (the default) can hold
+        ("cache", "disk"),
+        ("cache_snapshot_interval_s", -1),
         ("max_batch_size", -1),
         ("max_batch_size", 1025),
         ("pipeline_depth", 0),
@@ -83,7 +87,8 @@ def test_invalid_value_names_the_parameter(field, value):
         ("workers", 64),
         ("redis_timeout_ms", 60_000.0),
         ("cache_dtype", "float16"),
-        ("lru_max_bytes", 0),
+        ("cache_max_bytes", 8 * 1024 * 1024),
+        ("cache_snapshot_interval_s", 0),
         ("max_batch_size", 1),
         ("max_batch_delay_ms", 0.0),
         ("max_queue_size", 32),
@@ -95,6 +100,32 @@ def test_invalid_value_names_the_parameter(field, value):
 def test_boundary_values_are_valid(field, value):
     """The documented range ends are accepted."""
     assert getattr(ServerConfig(**{field: value}), field) == value
+
+
+def test_cache_selection_is_redis_with_a_url_else_the_cache_flag():
+    """--redis-url selects Redis whatever --cache says; without it --cache picks embedded (the default) or memory."""
+    assert ServerConfig().cache_kind == "embedded"
+    assert ServerConfig(cache="memory").cache_kind == "memory"
+    assert ServerConfig(redis_url="redis://h:6379/0", cache="memory").cache_kind == "redis"
+    assert parse(["--cache", "memory", "--cache-max-bytes", "0"]).cache_kind == "memory"
+    assert parse([], {"FEATUREBANK_CACHE": "memory"}).cache_kind == "memory"
+
+
+def test_old_lru_max_bytes_flag_still_sets_the_bound():
+    """--lru-max-bytes (and FEATUREBANK_LRU_MAX_BYTES) still set the cache's byte bound; given with a different --cache-max-bytes it is refused."""
+    assert parse(["--cache", "memory", "--lru-max-bytes", "0"]).cache_max_bytes == 0
+    assert parse([], {"FEATUREBANK_LRU_MAX_BYTES": str(64 << 20)}).cache_max_bytes == 64 << 20
+    assert parse(["--lru-max-bytes", str(64 << 20), "--cache-max-bytes", str(64 << 20)]).cache_max_bytes == 64 << 20
+    with pytest.raises(ValueError, match="invalid lru_max_bytes=.*old name of --cache-max-bytes"):
+        parse(["--lru-max-bytes", str(64 << 20), "--cache-max-bytes", str(32 << 20)])
+
+
+def test_data_dir_defaults_to_the_xdg_cache_dir(monkeypatch, tmp_path):
+    """Without --data-dir the embedded cache lives in $XDG_CACHE_HOME/featurebank/features; a relative --data-dir is made absolute."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert ServerConfig().data_path == str(tmp_path / "featurebank" / "features")
+    monkeypatch.chdir(tmp_path)
+    assert ServerConfig(data_dir="fb-data").data_path == str(tmp_path / "fb-data")
 
 
 def test_zero_workers_needs_gpus():
