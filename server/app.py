@@ -27,6 +27,7 @@ from featurebank.server.ports import PortInUseError, check_free
 from featurebank.server.servicer import FeatureBankServicer, ServedBackbone
 from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 from featurebank.workers.pool import WorkerPool
+from featurebank.workers.preprocess_pool import PreprocessPool
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class FeatureBankServer:
         self.heads = open_head_store(config)
         self.health = health.aio.HealthServicer()
         self.pools: dict[str, WorkerPool] = {}
+        self.preprocessing: dict[str, PreprocessPool] = {}  # started once the pool's workers are ready
         self.batchers: dict[str, DynamicBatcher] = {}
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
@@ -116,6 +118,18 @@ class FeatureBankServer:
                 watchdog_multiple=c.watchdog_multiple,
                 on_ready_change=self._on_ready_change,
             )
+            if c.num_preprocess_workers > 0:
+                self.preprocessing[name] = PreprocessPool(
+                    name,
+                    options=options,
+                    num_processes=c.num_preprocess_workers,
+                    metrics=self.metrics,
+                    crashes=self.pools[name].crashes,  # one poison ledger per backbone, whichever process dies
+                    memory_limit_mb=c.worker_memory_limit_mb,
+                    watchdog_floor_s=c.watchdog_floor_s,
+                    watchdog_multiple=c.watchdog_multiple,
+                    on_ready_change=self._on_ready_change,
+                )
 
     def _on_ready_change(self, backbone: str, ready_workers: int) -> None:
         """Health follows the workers once started: NOT_SERVING while any backbone has no ready worker."""
@@ -128,12 +142,18 @@ class FeatureBankServer:
         """Per backbone ("featurebank.v1.FeatureBank/NAME") and overall, from the pools' state now."""
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         async with self._health_lock:  # updates apply in order, each reading the latest state
-            ready = {name: pool.ready_count > 0 for name, pool in self.pools.items()}
+            ready = {
+                name: pool.ready_count > 0 and self._preprocessing_ready(name) for name, pool in self.pools.items()
+            }
             for name, ok in ready.items():
                 await self.health.set(f"{SERVICE_NAME}/{name}", serving if ok else not_serving)
             overall = serving if all(ready.values()) else not_serving
             await self.health.set("", overall)
             await self.health.set(SERVICE_NAME, overall)
+
+    def _preprocessing_ready(self, backbone: str) -> bool:
+        pre = self.preprocessing.get(backbone)
+        return pre is None or not pre.enabled or pre.ready_count > 0
 
     async def start(self) -> None:
         """Spawn the workers, open the ports (health NOT_SERVING), wait for every worker, SERVING."""
@@ -228,9 +248,14 @@ class FeatureBankServer:
         self._write_port_file(ready=False)
         try:
             infos = await asyncio.gather(*(pool.wait_ready() for pool in self.pools.values()))
+            # Preprocessing processes need what the workers report (a model file's input shape).
+            await asyncio.gather(
+                *(pre.start(infos[list(self.pools).index(n)]) for n, pre in self.preprocessing.items())
+            )
         except BaseException:
             await self._close_pools()
             raise
+        self.servicer.misses.preprocessing.update({n: pre for n, pre in self.preprocessing.items() if pre.enabled})
         self.servicer.set_backbones(
             {
                 name: ServedBackbone(info=info, batcher=self.batchers[name], pool=self.pools[name])
@@ -310,7 +335,8 @@ class FeatureBankServer:
         self._stopped.set()
 
     async def _close_pools(self) -> None:
-        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
+        pools = [*self.preprocessing.values(), *self.pools.values()]
+        await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
 
     async def wait_closed(self) -> None:
         await self._stopped.wait()

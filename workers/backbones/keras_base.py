@@ -152,6 +152,9 @@ class ImageBackbone(TracedKerasBackbone):
             preprocessing=self.preprocessing,
         )
 
+    def load_preprocessing(self, info: BackboneInfo) -> None:
+        """Decode and resize need only the input size, known before the model is built."""
+
     def preprocess(self, item: InputItem) -> np.ndarray:
         return image_input(item, self.name, self.max_image_pixels, self.input_size)
 
