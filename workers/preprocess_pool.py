@@ -190,7 +190,7 @@ class PreprocessPool:
         self._waiting: collections.deque[_Job] = collections.deque()  # submitted, not yet in a chunk
         self._alone: collections.deque[_Job] = collections.deque()  # held by a crashed process: one per chunk
         self._work = asyncio.Event()
-        self._idle = 0  # feeders waiting for work
+        self._free = 0  # processes ready and holding no chunk: the ones a turn's items are spread over
         self._chunk_ids = itertools.count()
         self._tasks: list[asyncio.Task] = []
         self._closing = False
@@ -222,6 +222,7 @@ class PreprocessPool:
         if self.tensorflow_loaded:  # a user's backbone module imports it: memory per process, nothing worse
             logger.warning("%s: its preprocessing processes imported TensorFlow", self.backbone)
         self.enabled = True
+        self._free = len(self.processes)
         self._update_ready()
         self._tasks = [
             asyncio.create_task(self._feed(p), name=f"preprocess-{self.backbone}-{i}")
@@ -246,7 +247,7 @@ class PreprocessPool:
         """What this free process takes: a job to retry alone, else its share of the waiting jobs."""
         if self._alone:
             return [self._alone.popleft()]
-        share = min(MAX_CHUNK_ITEMS, math.ceil(len(self._waiting) / max(1, self._idle + 1)))
+        share = min(MAX_CHUNK_ITEMS, math.ceil(len(self._waiting) / max(1, self._free)))
         return [self._waiting.popleft() for _ in range(min(share, len(self._waiting)))]
 
     def _runnable(self, jobs: list[_Job]) -> list[_Job]:
@@ -268,39 +269,45 @@ class PreprocessPool:
         fd = self._watch(p)
         try:
             while not self._closing:
-                if p.exited and p.state is not WorkerState.BUSY:
+                if p.exited:
                     self._unwatch(fd)
                     self._on_death(p, [], p.death_reason())
-                    await self._restart(p)
+                    await self._restart_counted(p)
                     fd = self._watch(p)
                     continue
                 if not self._alone and not self._waiting:
                     self._work.clear()
-                    self._idle += 1
-                    try:
-                        await self._work.wait()
-                    finally:
-                        self._idle -= 1
+                    await self._work.wait()
                     continue
                 jobs = self._runnable(self._take_chunk())
                 if not jobs:
                     continue
                 chunk = PreprocessChunk(next(self._chunk_ids), [j.item.payload for j in jobs])
                 p.state = WorkerState.BUSY
+                self._free -= 1
                 started = time.monotonic()
-                done = loop.run_in_executor(p.thread, p.roundtrip, chunk)
                 try:
-                    result = await self._watched(p, done, len(jobs))
+                    result = await self._watched(p, loop.run_in_executor(p.thread, p.roundtrip, chunk), len(jobs))
                 except WorkerDied as e:
                     self._unwatch(fd)
                     self._on_death(p, jobs, str(e))
                     await self._restart(p)
                     fd = self._watch(p)
                     continue
+                finally:
+                    self._free += 1
                 p.state = WorkerState.READY
                 self._resolve(jobs, result, time.monotonic() - started)
         finally:
             self._unwatch(fd)
+
+    async def _restart_counted(self, p: PreprocessProcess) -> None:
+        """Restart an idle process; meanwhile it is not counted among the free ones."""
+        self._free -= 1
+        try:
+            await self._restart(p)
+        finally:
+            self._free += 1
 
     async def _watched(self, p: PreprocessProcess, done: asyncio.Future, items: int) -> PreprocessResult:
         """The chunk's result; its process is killed (a crash) if it runs far past the slowest item seen."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 
 import grpc
 import numpy as np
@@ -95,3 +97,25 @@ def test_features_are_bit_for_bit_the_same_with_and_without_the_pool(start_serve
     for a, b in zip(without, with_pool, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert a.tobytes() == b.tobytes()
+
+
+def test_health_is_not_serving_while_a_backbone_has_no_ready_preprocessing_process(start_server, tmp_path):
+    """With every preprocessing process of a backbone dead and restarting, health says NOT_SERVING (its items
+    could not be decoded); SERVING again, and serving, once one is back."""
+    gate = tmp_path / "hold-the-restart"
+    server = start_server(
+        "--backbone", FAULTY, "--preprocess-workers", "2", env={"FB_TEST_PREPROCESS_GATE_FILE": str(gate)}
+    )
+    assert server.health() == "SERVING"
+    gate.touch()  # restarted processes wait in load_preprocessing() until the gate is gone
+    for pid in server.preprocess_pids():
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: server.health() == "NOT_SERVING", 30, "health NOT_SERVING with no preprocessing process")
+    assert server.health(f"featurebank.v1.FeatureBank/{FAULTY}") == "NOT_SERVING"
+    assert server.metric("featurebank_preprocess_processes_ready", backbone=FAULTY) == 0
+    assert server.metric("featurebank_workers_ready") == 1
+    gate.unlink()
+    wait_until(lambda: server.health() == "SERVING", 60, "health SERVING once a preprocessing process is back")
+    with FeatureBank(server.target, timeout_s=60) as bank:
+        assert bank.extract(random_images(1, seed=85), backbone=FAULTY).shape == (1, 16)
+    assert server.metric("featurebank_preprocess_crashes_total", backbone=FAULTY) == 2
