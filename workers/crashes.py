@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import pickle
 
 import numpy as np
 
@@ -30,8 +31,10 @@ def content_key(item: PendingItem) -> str:
         h.update(np.ascontiguousarray(payload).tobytes())
     elif isinstance(payload, str):
         h.update(payload.encode("utf-8", "surrogatepass"))
-    else:
+    elif isinstance(payload, (bytes, bytearray, memoryview)):
         h.update(bytes(payload))
+    else:  # already preprocessed (token ids): its pickle is as deterministic as its content
+        h.update(pickle.dumps(payload, protocol=5))
     return "input:" + h.hexdigest()
 
 
