@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 
-from featurebank.workers.backbones.base import Backbone
 from featurebank.workers.backbones.toy import ToyBackbone
 
 KILL_MARKER = b"KILL"
@@ -68,6 +67,8 @@ class FaultyToy(ToyBackbone):
 
 
 class ModelBoundPreprocessing(ToyBackbone):
-    """The toy backbone as a user's backbone that preprocesses only with its model loaded (the base hook)."""
+    """The toy backbone as a user's backbone whose own preprocess() may need its model: it overrides
+    preprocess() and not load_preprocessing()."""
 
-    load_preprocessing = Backbone.load_preprocessing
+    def preprocess(self, item):
+        return super().preprocess(item)

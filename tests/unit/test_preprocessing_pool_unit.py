@@ -46,7 +46,8 @@ async def test_items_of_one_turn_are_spread_over_the_processes_in_chunks_without
 
 
 async def test_a_backbone_that_preprocesses_only_with_its_model_leaves_the_pool_disabled():
-    """A backbone without load_preprocessing (the default) is preprocessed by its model workers: start() says so."""
+    """A backbone whose preprocess() may need its model (overridden without load_preprocessing) is preprocessed
+    by its model workers: start() says so and the pool stays disabled."""
     metrics = Metrics()
     pool = PreprocessPool(
         "fixture_backbones:ModelBoundPreprocessing",
