@@ -112,6 +112,25 @@ class Metrics:
             ["backbone", "tenant"],
             registry=r,
         )
+        self.preprocess_duration = Histogram(
+            "featurebank_preprocess_duration_seconds",
+            "Preprocessing time per item (decode + resize, or tokenize) in a preprocessing process.",
+            ["backbone"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.preprocess_ready = Gauge(
+            "featurebank_preprocess_processes_ready",
+            "Preprocessing processes ready to take items (0 with --preprocess-workers 0).",
+            ["backbone"],
+            registry=r,
+        )
+        self.preprocess_crashes = Counter(
+            "featurebank_preprocess_crashes",
+            "Preprocessing processes that died (crashed, killed or stuck) and were restarted.",
+            ["backbone"],
+            registry=r,
+        )
         self.cache_errors = Counter(
             "featurebank_cache_errors", "Cache backend operations that failed or timed out.", ["op"], registry=r
         )

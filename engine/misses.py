@@ -65,6 +65,8 @@ class MissPath:
         # write and a concurrent request's cache read, so an input is computed once.
         self.recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.recent_max_items = recent_max_items
+        # Backbone name -> its preprocessing pool (filled at start-up; absent: its workers preprocess).
+        self.preprocessing: dict[str, Any] = {}
         self._claim = Coalescer(self._claim_many)
         self._release = Coalescer(self._release_many)
         self._read = Coalescer(cache.get_many)
@@ -132,7 +134,7 @@ class MissPath:
     async def _own(
         self, flight: Flight[Computed], served: Any, item: PendingItem, *, claim: bool, write: bool, wait: bool
     ) -> Computed:
-        """The owner of one key: claim -> queue -> wait (refreshing the claim) -> write -> release."""
+        """The owner of one key: claim -> preprocess -> queue -> wait (refreshing the claim) -> write -> release."""
         key = item.key
         token = self.cache.claim_token() if claim else ""
         claiming: asyncio.Future | None = None
@@ -161,6 +163,9 @@ class MissPath:
                         continue  # gone again (evicted): claim it
                     await asyncio.sleep(delay)  # CLAIM_HELD: another replica computes it; it writes, then releases
                     delay = min(delay * 2, MAX_POLL_S)
+            pre = self.preprocessing.get(served.info.name)
+            if pre is not None:  # decoded on another core while earlier batches compute
+                item.payload = await pre.preprocess(item)
             if wait:
                 await served.batcher.wait_for_room(item.tenant)
             try:

@@ -6,7 +6,6 @@ import asyncio
 import collections
 import concurrent.futures
 import enum
-import hashlib
 import itertools
 import logging
 import multiprocessing
@@ -17,22 +16,18 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-import numpy as np
 
 from featurebank.common.errors import FeatureBankError, WorkerCrashError
 from featurebank.common.metrics import Metrics
 from featurebank.engine.batching import DynamicBatcher, PendingItem
+from featurebank.engine.crashes import MAX_ATTEMPTS, CrashLedger
 from featurebank.workers import worker as worker_main
 from featurebank.workers.backbones.base import BackboneInfo
 from featurebank.workers.messages import Batch, BatchResult, Shutdown, WorkerFailed, WorkerReady, WorkerSetup
 
 logger = logging.getLogger(__name__)
 
-# A batch that killed a worker is re-sent once, item by item; an item that kills a worker on its
-# second try gets an error of its own, and so does every later request for it (whoever sends it):
-# crashes are counted per content key, across requests, in a bounded LRU.
-MAX_ATTEMPTS = 2
-MAX_POISON_KEYS = 4096
+# A batch that killed a worker is re-sent once, item by item (poison accounting: engine/crashes.py).
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -198,6 +193,7 @@ class WorkerPool:
         watchdog_floor_s: float = 60.0,
         watchdog_multiple: float = 10.0,
         on_ready_change: Callable[[str, int], None] | None = None,
+        crashes: CrashLedger | None = None,
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -212,7 +208,7 @@ class WorkerPool:
         self.watchdog_multiple = watchdog_multiple
         self.slowest_batch_s = 0.0
         self.on_ready_change = on_ready_change or (lambda backbone, ready: None)
-        self._crashes: collections.OrderedDict[str, int] = collections.OrderedDict()  # content key -> crashes
+        self.crashes = crashes if crashes is not None else CrashLedger(backbone, metrics)  # shared with preprocessing
         self.workers = [
             WorkerProcess(
                 WorkerSetup(
@@ -291,42 +287,6 @@ class WorkerPool:
                 self.metrics.watchdog_kills.labels(self.backbone).inc()
                 w.process.kill()  # the receive thread sees the exit: handled like any crash
 
-    def _content_key(self, item: PendingItem) -> str:
-        """What crashes are counted under: the item's cache key, else a hash of its input."""
-        if item.key:
-            return item.key
-        h = hashlib.blake2b(digest_size=16)
-        payload = item.payload.payload
-        h.update(f"{item.payload.kind}\0{item.layer}\0".encode())
-        if isinstance(payload, np.ndarray):
-            h.update(f"{payload.dtype.str}{payload.shape}".encode())
-            h.update(np.ascontiguousarray(payload).tobytes())
-        elif isinstance(payload, str):
-            h.update(payload.encode("utf-8", "surrogatepass"))
-        else:
-            h.update(bytes(payload))
-        return "input:" + h.hexdigest()
-
-    def _refuse_poison(self, items: list[PendingItem]) -> list[PendingItem]:
-        """Fail, without a worker, the items whose input already crashed workers MAX_ATTEMPTS times."""
-        if not self._crashes:
-            return items
-        keep = []
-        for item in items:
-            crashes = self._crashes.get(self._content_key(item), 0)
-            if crashes < MAX_ATTEMPTS:
-                keep.append(item)
-                continue
-            if not item.future.done():
-                self.metrics.poison_refused.labels(self.backbone, item.tenant).inc()
-                item.future.set_exception(
-                    WorkerCrashError(
-                        f"refused: this input crashed {self.backbone} workers {crashes} times before; "
-                        "it is not sent to a worker again"
-                    )
-                )
-        return keep
-
     async def _feed(self, w: WorkerProcess) -> None:
         """Keep up to ``pipeline_depth`` batches in flight on one worker.
 
@@ -360,7 +320,7 @@ class WorkerPool:
                     exited = self._exit_future(w)
                     continue
                 if next_batch is not None and next_batch.done():
-                    items, next_batch = self._refuse_poison(next_batch.result()), None
+                    items, next_batch = self.crashes.refuse_poison(next_batch.result()), None
                     if items:
                         if not inflight:
                             w.busy_since = time.monotonic()
@@ -458,8 +418,8 @@ class WorkerPool:
 
     def _resolve(self, items: list[PendingItem], result: BatchResult) -> None:
         for item, feats, err in zip(items, result.features, result.errors):
-            if self._crashes and item.attempts:  # computed after a crash: it was a bystander
-                self._crashes.pop(self._content_key(item), None)
+            if item.attempts:  # computed after a crash: it was a bystander
+                self.crashes.forget(item)
             if item.future.done():
                 continue
             if err is not None:
@@ -480,7 +440,7 @@ class WorkerPool:
         retry = []
         for item in items:
             item.attempts += 1
-            crashes = self._count_crash(item)
+            crashes = self.crashes.count(item)
             if item.future.done():
                 continue
             if max(item.attempts, crashes) >= MAX_ATTEMPTS:
@@ -492,16 +452,6 @@ class WorkerPool:
             else:
                 retry.append(item)
         self.batcher.requeue(retry)
-
-    def _count_crash(self, item: PendingItem) -> int:
-        """One more crash for this item's input (bounded LRU, across requests) and its tenant."""
-        key = self._content_key(item)
-        crashes = self._crashes.pop(key, 0) + 1
-        self._crashes[key] = crashes
-        while len(self._crashes) > MAX_POISON_KEYS:
-            self._crashes.popitem(last=False)
-        self.metrics.input_crashes.labels(self.backbone, item.tenant).inc()
-        return crashes
 
     async def _restart(self, w: WorkerProcess) -> None:
         loop = asyncio.get_running_loop()

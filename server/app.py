@@ -19,6 +19,7 @@ from featurebank.common.cache import FeatureCache, LRUCache, RedisCache
 from featurebank.common.metrics import Metrics
 from featurebank.engine.batching import DynamicBatcher
 from featurebank.engine.pool import WorkerPool
+from featurebank.engine.preprocess_pool import PreprocessPool
 from featurebank.server.auth import TokenAuthenticator, server_credentials
 from featurebank.server.config import ServerConfig, is_loopback
 from featurebank.server.embedded_cache import EmbeddedCache
@@ -79,6 +80,7 @@ class FeatureBankServer:
         self.heads = open_head_store(config)
         self.health = health.aio.HealthServicer()
         self.pools: dict[str, WorkerPool] = {}
+        self.preprocessing: dict[str, PreprocessPool] = {}  # started once the pool's workers are ready
         self.batchers: dict[str, DynamicBatcher] = {}
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
@@ -126,6 +128,18 @@ class FeatureBankServer:
                 watchdog_multiple=c.watchdog_multiple,
                 on_ready_change=self._on_ready_change,
             )
+            if c.num_preprocess_workers > 0:
+                self.preprocessing[name] = PreprocessPool(
+                    name,
+                    options=options,
+                    num_processes=c.num_preprocess_workers,
+                    metrics=self.metrics,
+                    crashes=self.pools[name].crashes,  # one poison ledger per backbone, whichever process dies
+                    memory_limit_mb=c.worker_memory_limit_mb,
+                    watchdog_floor_s=c.watchdog_floor_s,
+                    watchdog_multiple=c.watchdog_multiple,
+                    on_ready_change=self._on_ready_change,
+                )
 
     def _on_ready_change(self, backbone: str, ready_workers: int) -> None:
         """Health follows the workers once started: NOT_SERVING while any backbone has no ready worker."""
@@ -138,12 +152,18 @@ class FeatureBankServer:
         """Per backbone ("featurebank.v1.FeatureBank/NAME") and overall, from the pools' state now."""
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         async with self._health_lock:  # updates apply in order, each reading the latest state
-            ready = {name: pool.ready_count > 0 for name, pool in self.pools.items()}
+            ready = {
+                name: pool.ready_count > 0 and self._preprocessing_ready(name) for name, pool in self.pools.items()
+            }
             for name, ok in ready.items():
                 await self.health.set(f"{SERVICE_NAME}/{name}", serving if ok else not_serving)
             overall = serving if all(ready.values()) else not_serving
             await self.health.set("", overall)
             await self.health.set(SERVICE_NAME, overall)
+
+    def _preprocessing_ready(self, backbone: str) -> bool:
+        pre = self.preprocessing.get(backbone)
+        return pre is None or not pre.enabled or pre.ready_count > 0
 
     async def start(self) -> None:
         """Start everything (see _start_serving); a failed start stops the embedded cache again."""
@@ -256,9 +276,14 @@ class FeatureBankServer:
         self._write_port_file(ready=False)
         try:
             infos = await asyncio.gather(*(pool.wait_ready() for pool in self.pools.values()))
+            # Preprocessing processes need what the workers report (a model file's input shape).
+            await asyncio.gather(
+                *(pre.start(infos[list(self.pools).index(n)]) for n, pre in self.preprocessing.items())
+            )
         except BaseException:
             await self._close_pools()
             raise
+        self.servicer.misses.preprocessing.update({n: pre for n, pre in self.preprocessing.items() if pre.enabled})
         self.servicer.set_backbones(
             {
                 name: ServedBackbone(info=info, batcher=self.batchers[name], pool=self.pools[name])
@@ -340,7 +365,8 @@ class FeatureBankServer:
         self._stopped.set()
 
     async def _close_pools(self) -> None:
-        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
+        pools = [*self.preprocessing.values(), *self.pools.values()]
+        await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
 
     async def wait_closed(self) -> None:
         await self._stopped.wait()

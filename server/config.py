@@ -65,6 +65,12 @@ class ServerConfig:
         "the first of each input kind is the default for requests naming none",
     )
     workers: int = _field(1, "worker processes per backbone (with --gpus: one per GPU when 0)")
+    preprocess_workers: int = _field(
+        -1,
+        "processes per backbone that decode + resize images and tokenize text, beside the "
+        "model workers; -1 = the CPUs this process may use (affinity, cgroup quota); "
+        "0 = none: the model workers preprocess",
+    )
     gpus: str = _field("", "comma-separated CUDA device indices to pin workers to, e.g. 0,1 (empty: CPU)")
     intra_op_threads: int = _field(0, "TensorFlow intra-op threads per worker (0 = TF default)")
     inter_op_threads: int = _field(0, "TensorFlow inter-op threads per worker (0 = TF default)")
@@ -200,6 +206,7 @@ class ServerConfig:
             ("metrics_port", -1 <= self.metrics_port <= 65535, "-1..65535"),
             ("backbone", len(self.backbone) > 0, "at least one backbone"),
             ("workers", 0 <= self.workers <= 64, "0..64 (0 only with --gpus)"),
+            ("preprocess_workers", -1 <= self.preprocess_workers <= 1024, "-1 (auto), 0 (none) or 1..1024"),
             ("intra_op_threads", self.intra_op_threads >= 0, ">= 0"),
             ("inter_op_threads", self.inter_op_threads >= 0, ">= 0"),
             ("redis_timeout_ms", 0 < self.redis_timeout_ms <= 60_000, "0 < ms <= 60000"),
@@ -323,6 +330,15 @@ class ServerConfig:
     @property
     def num_workers(self) -> int:
         return self.workers or len(self.gpu_list)
+
+    @property
+    def num_preprocess_workers(self) -> int:
+        """--preprocess-workers, with -1 resolved to the CPUs this process may use."""
+        if self.preprocess_workers >= 0:
+            return self.preprocess_workers
+        from featurebank.common.cpus import usable_cpus
+
+        return usable_cpus()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -92,6 +92,14 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def comm(pid: int) -> str:
+    """A process's name (/proc/PID/comm; "" if it is gone)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def _stop_process(proc: subprocess.Popen, sig: int, timeout_s: float) -> int:
     """Signal one process we started (by its PID), wait, and SIGKILL it if it outlives timeout_s."""
     if proc.poll() is None:
@@ -321,8 +329,12 @@ class ServedProcess:
         return [self.proc.pid, *descendants(self.proc.pid)]
 
     def worker_pids(self) -> list[int]:
-        """PIDs of this server's worker processes (its direct children started by multiprocessing's spawn)."""
-        return [p for p in children(self.proc.pid) if "spawn_main" in cmdline(p)]
+        """PIDs of this server's model worker processes (children started by multiprocessing's spawn)."""
+        return [p for p in children(self.proc.pid) if "spawn_main" in cmdline(p) and comm(p) != "fb-preprocess"]
+
+    def preprocess_pids(self) -> list[int]:
+        """PIDs of this server's preprocessing processes (named fb-preprocess)."""
+        return [p for p in children(self.proc.pid) if comm(p) == "fb-preprocess"]
 
 
 class ServerProcess(ServedProcess):

@@ -23,6 +23,7 @@ ALLOC_MARKER = b"ALLOC"
 class FaultyToy(ToyBackbone):
     """The toy backbone, plus: FB_TEST_FAIL_SETUP raises in load(); FB_TEST_LOAD_DELAY_S sleeps
     before loading; FB_TEST_LOAD_GATE_FILE holds load() while that file exists;
+    FB_TEST_PREPROCESS_GATE_FILE holds a preprocessing process's start the same way;
     FB_TEST_FORWARD_DELAY_MS sleeps in every served forward pass. An image whose bytes start with
     KILL makes the worker SIGKILL itself; with HANG it never returns; with ALLOC it allocates and
     fills FB_TEST_ALLOC_MB megabytes (an exotic decoder's appetite)."""
@@ -39,6 +40,12 @@ class FaultyToy(ToyBackbone):
         while gate and os.path.exists(gate):
             time.sleep(0.05)
         super().load()
+
+    def load_preprocessing(self, info) -> None:
+        gate = os.environ.get("FB_TEST_PREPROCESS_GATE_FILE")
+        while gate and os.path.exists(gate):
+            time.sleep(0.05)
+        super().load_preprocessing(info)
 
     def warmup(self) -> None:
         super().warmup()
@@ -57,3 +64,11 @@ class FaultyToy(ToyBackbone):
         if self._warm:
             time.sleep(float(os.environ.get("FB_TEST_FORWARD_DELAY_MS", "0")) / 1000.0)
         return super().forward(batch)
+
+
+class ModelBoundPreprocessing(ToyBackbone):
+    """The toy backbone as a user's backbone whose own preprocess() may need its model: it overrides
+    preprocess() and not load_preprocessing()."""
+
+    def preprocess(self, item):
+        return super().preprocess(item)

@@ -9,7 +9,24 @@ import numpy as np
 
 from featurebank.workers.backbones.base import BackboneInfo, InputItem
 
-__all__ = ["InputItem", "WorkerSetup", "Batch", "Shutdown", "WorkerReady", "WorkerFailed", "BatchResult"]
+__all__ = [
+    "InputItem",
+    "PREPROCESSED",
+    "WorkerSetup",
+    "Batch",
+    "Shutdown",
+    "WorkerReady",
+    "WorkerFailed",
+    "BatchResult",
+    "PreprocessSetup",
+    "PreprocessChunk",
+    "PreprocessReady",
+    "PreprocessResult",
+]
+
+# The kind of an InputItem a preprocessing process already turned into model input (its payload is
+# what ``Backbone.preprocess`` returned): the model worker runs only the forward pass on it.
+PREPROCESSED = "preprocessed"
 
 
 # Frontend -> worker
@@ -73,3 +90,48 @@ class BatchResult:
     trace_count: int
     idle_seconds: float = 0.0  # the worker waited this long for the batch (nothing to do)
     read_seconds: float = 0.0  # reading and unpickling it took this long (beside the previous batch)
+
+
+# Frontend -> preprocessing process
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSetup:
+    """What a spawned preprocessing process needs: the backbone's options and what its model workers reported."""
+
+    backbone: str  # a registry name
+    options: dict[str, Any]  # the same constructor kwargs the model workers get
+    info: BackboneInfo  # from the loaded backbone (input shape and kind, for backbones that need them)
+    process_index: int
+    memory_limit_mb: int = 0  # RLIMIT_DATA, as for the model workers; 0 = no cap
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessChunk:
+    """Raw items to preprocess, each on its own (a bad one fails alone)."""
+
+    chunk_id: int
+    items: list[InputItem]
+
+
+# Preprocessing process -> frontend
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessReady:
+    """The process can preprocess (``supported``), or the backbone needs its model to (its workers do it)."""
+
+    supported: bool
+    tensorflow_loaded: bool  # never, for the built-in backbones: the process holds no model
+    load_seconds: float
+    reason: str = ""  # why not supported
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessResult:
+    """Per item: the preprocessed value (None on error) and an error (None on success), and its seconds."""
+
+    chunk_id: int
+    values: list[Any]
+    errors: list[tuple[str, str] | None]  # (code name, message), as in BatchResult
+    seconds: list[float]

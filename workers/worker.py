@@ -11,14 +11,31 @@ import sys
 import threading
 import time
 import traceback
+from typing import Any
 
-from featurebank.workers.messages import Batch, BatchResult, Shutdown, WorkerFailed, WorkerReady, WorkerSetup
+from featurebank.workers.messages import (
+    PREPROCESSED,
+    Batch,
+    BatchResult,
+    Shutdown,
+    WorkerFailed,
+    WorkerReady,
+    WorkerSetup,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def _limit_memory(setup: WorkerSetup) -> None:
-    """Cap the worker's data segment (heap and private writable mappings) at ``memory_limit_mb``.
+    """Cap the worker's data segment (see ``limit_memory``); not with a GPU."""
+    if setup.memory_limit_mb > 0 and setup.gpu is not None:  # CUDA's host-side mappings: unmeasured, no cap
+        logger.info("worker_memory_limit_mb not applied: this worker uses GPU %s", setup.gpu)
+        return
+    limit_memory(setup.memory_limit_mb)
+
+
+def limit_memory(memory_limit_mb: int) -> None:
+    """Cap this process's data segment (heap and private writable mappings) at ``memory_limit_mb``.
 
     RLIMIT_DATA, not RLIMIT_AS: TensorFlow reserves far more address space than it touches
     (thread stacks, allocator arenas, CUDA's unified address space), so an address-space cap low
@@ -26,12 +43,9 @@ def _limit_memory(setup: WorkerSetup) -> None:
     An allocation past the cap fails (MemoryError in Python and Pillow) instead of growing the
     process until the pod's OOM killer takes everything down.
     """
-    if setup.memory_limit_mb <= 0:
+    if memory_limit_mb <= 0:
         return
-    if setup.gpu is not None:  # CUDA's host-side mappings under RLIMIT_DATA are unmeasured: no cap there
-        logger.info("worker_memory_limit_mb not applied: this worker uses GPU %s", setup.gpu)
-        return
-    limit_bytes = setup.memory_limit_mb * 2**20
+    limit_bytes = memory_limit_mb * 2**20
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
     if hard != resource.RLIM_INFINITY:
         limit_bytes = min(limit_bytes, hard)
@@ -61,10 +75,28 @@ def _configure_tensorflow(setup: WorkerSetup) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(setup.inter_op_threads)
 
 
-def compute(backbone, batch: Batch, memory_limit_mb: int = 0) -> BatchResult:
-    """Preprocess each item (a bad one fails alone), run the good ones as one batch, pick layers."""
+def preprocess_one(backbone, item, index: int, memory_limit_mb: int = 0) -> tuple[Any, tuple[str, str] | None]:
+    """One item as model input, or its error (code name, message): a bad item never fails its neighbours."""
     from featurebank.workers.backbones.base import InvalidInputError
 
+    try:
+        return backbone.preprocess(item), None
+    except InvalidInputError as e:
+        return None, ("INVALID_ARGUMENT", str(e))
+    except MemoryError:  # the memory cap stopped it: this input alone, the process lives on
+        logger.warning("preprocessing item %d hit the worker's memory limit", index)
+        return None, (
+            "INVALID_ARGUMENT",
+            f"input needs more memory than a worker may use (worker_memory_limit_mb={memory_limit_mb})",
+        )
+    except Exception as e:  # a bug or an exotic input: this item only
+        logger.exception("preprocessing item %d failed", index)
+        return None, ("INTERNAL", f"preprocessing failed: {type(e).__name__}: {e}")
+
+
+def compute(backbone, batch: Batch, memory_limit_mb: int = 0) -> BatchResult:
+    """Preprocess each item unless a preprocessing process did (a bad one fails alone), run the good ones
+    as one batch, pick layers."""
     start = time.perf_counter()
     n = len(batch.items)
     features: list = [None] * n
@@ -72,20 +104,15 @@ def compute(backbone, batch: Batch, memory_limit_mb: int = 0) -> BatchResult:
     ready: list = []
     index: list[int] = []
     for i, item in enumerate(batch.items):
-        try:
-            ready.append(backbone.preprocess(item))
+        if item.kind == PREPROCESSED:
+            value, error = item.payload, None
+        else:
+            value, error = preprocess_one(backbone, item, i, memory_limit_mb)
+        if error is None:
+            ready.append(value)
             index.append(i)
-        except InvalidInputError as e:
-            errors[i] = ("INVALID_ARGUMENT", str(e))
-        except MemoryError:  # the memory cap stopped it: this input alone, the worker lives on
-            logger.warning("preprocessing item %d hit the worker's memory limit", i)
-            errors[i] = (
-                "INVALID_ARGUMENT",
-                f"input needs more memory than a worker may use (worker_memory_limit_mb={memory_limit_mb})",
-            )
-        except Exception as e:  # a bug or an exotic input: this item only
-            logger.exception("preprocessing item %d failed", i)
-            errors[i] = ("INTERNAL", f"preprocessing failed: {type(e).__name__}: {e}")
+        else:
+            errors[i] = error
     if ready:
         try:
             outputs = backbone.forward(ready)

@@ -108,7 +108,8 @@ def test_killed_worker_mid_batch_loses_no_request(start_server):
 @pytest.mark.slow
 def test_an_input_that_kills_workers_fails_alone(start_server):
     """An item that crashes its worker twice gets INTERNAL; its batch neighbours succeed; the pool lives."""
-    server = start_server("--backbone", FAULTY, "--max-batch-delay-ms", "20")
+    # The model worker's crash handling: it preprocesses here (the pool's own: test_preprocess_pool.py).
+    server = start_server("--backbone", FAULTY, "--max-batch-delay-ms", "20", "--preprocess-workers", "0")
     good = random_images(3, seed=30)
     with FeatureBank(server.target, timeout_s=180) as bank:
         outcomes = bank.extract_items([good[0], KILL_MARKER + b"poison", good[1]], backbone=FAULTY)
@@ -132,6 +133,8 @@ def test_only_the_batch_being_computed_is_blamed_for_a_crash(start_server):
         "2",
         "--max-batch-delay-ms",
         "20",
+        "--preprocess-workers",  # the model worker preprocesses, so the KILL input crashes it
+        "0",
         env={"FB_TEST_FORWARD_DELAY_MS": "200"},
     )
     good = random_images(7, seed=31)

@@ -19,22 +19,31 @@ from support import random_images
 FAULTY = "fixture_backbones:FaultyToy"
 
 
-def test_an_input_that_crashed_workers_twice_is_refused_at_once_whoever_sends_it(start_server):
-    """After an input crashed workers twice, a later request (another client) sending it gets INTERNAL
-    at once, with no new crash, and its neighbour gets features."""
-    server = start_server("--backbone", FAULTY, "--max-batch-delay-ms", "20")
+# Where FaultyToy's KILL input dies: in the model worker (no pool), or in a preprocessing process.
+CRASH_METRIC = {"0": "featurebank_worker_restarts_total", "2": "featurebank_preprocess_crashes_total"}
+
+
+@pytest.mark.parametrize("preprocess_workers", ["0", "2"])
+def test_an_input_that_crashed_workers_twice_is_refused_at_once_whoever_sends_it(start_server, preprocess_workers):
+    """After an input crashed workers (or preprocessing processes) twice, a later request (another client)
+    sending it gets INTERNAL at once, with no new crash, and its neighbour gets features."""
+    server = start_server(
+        "--backbone", FAULTY, "--max-batch-delay-ms", "20", "--preprocess-workers", preprocess_workers
+    )
+    crashes = CRASH_METRIC[preprocess_workers]
     poison = KILL_MARKER + b"poison-across-requests"
     good = random_images(1, seed=90)
     with FeatureBank(server.target, timeout_s=180) as first:
         (o,) = first.extract_items([poison], backbone=FAULTY)
     assert o.error.code == grpc.StatusCode.INTERNAL
-    assert server.metric("featurebank_worker_restarts_total") == 2
+    assert server.metric(crashes) == 2
     with FeatureBank(server.target, timeout_s=180) as second:
         outcomes = second.extract_items([good[0], poison], backbone=FAULTY)
     assert outcomes[0].error is None
     assert outcomes[1].error.code == grpc.StatusCode.INTERNAL
     assert "refused" in outcomes[1].error.message, outcomes[1].error.message
-    assert server.metric("featurebank_worker_restarts_total") == 2
+    assert server.metric(crashes) == 2
+    assert server.metric("featurebank_worker_restarts_total") == (2 if preprocess_workers == "0" else 0)
     assert server.metric("featurebank_poison_refused_total") == 1
 
 

@@ -121,7 +121,8 @@ def test_cancelled_leader_still_writes_and_releases(redis_server, start_server):
         "1",
         "--pipeline-depth",
         "1",
-        env={"FB_TEST_FORWARD_DELAY_MS": "400"},
+        # Long enough that the leader (hashed, claimed, preprocessed) queues behind it on a loaded machine.
+        env={"FB_TEST_FORWARD_DELAY_MS": "1500"},
     )
     busy_img, img = random_images(2, seed=1005)
     with grpc.insecure_channel(server.target) as ch:

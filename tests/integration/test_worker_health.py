@@ -6,6 +6,7 @@ import os
 import signal
 
 import grpc
+import pytest
 
 from featurebank.client import FeatureBank
 from fixture_backbones import HANG_MARKER
@@ -33,11 +34,26 @@ def test_health_is_not_serving_while_a_backbone_has_no_ready_worker(start_server
         assert bank.extract(random_images(1, seed=80), backbone=FAULTY).shape == (1, 16)
 
 
-def test_watchdog_kills_a_stuck_worker_and_its_batch_is_handled_like_a_crash(start_server):
-    """A batch stuck far past the slowest batch seen gets its worker killed (counted); its neighbours are re-sent
-    and succeed, the stuck input fails alone after its second try, and the pool keeps serving."""
+# Where FaultyToy's HANG input gets stuck: in the model worker (no pool), or in a preprocessing process.
+RESTARTS = {"0": "featurebank_worker_restarts_total", "2": "featurebank_preprocess_crashes_total"}
+
+
+@pytest.mark.parametrize("preprocess_workers", ["0", "2"])
+def test_watchdog_kills_a_stuck_worker_and_its_batch_is_handled_like_a_crash(start_server, preprocess_workers):
+    """A batch (or preprocessing chunk) stuck far past the slowest seen gets its process killed (counted); its
+    neighbours are re-sent and succeed, the stuck input fails alone after its second try, and the pool keeps
+    serving."""
     server = start_server(
-        "--backbone", FAULTY, "--watchdog-floor-s", "3", "--watchdog-multiple", "10", "--max-batch-delay-ms", "20"
+        "--backbone",
+        FAULTY,
+        "--watchdog-floor-s",
+        "3",
+        "--watchdog-multiple",
+        "10",
+        "--max-batch-delay-ms",
+        "20",
+        "--preprocess-workers",
+        preprocess_workers,
     )
     good = random_images(3, seed=81)
     with FeatureBank(server.target, timeout_s=90) as bank:
@@ -48,5 +64,6 @@ def test_watchdog_kills_a_stuck_worker_and_its_batch_is_handled_like_a_crash(sta
         assert "stuck" in outcomes[1].error.message, outcomes[1].error.message
         assert bank.extract(random_images(1, seed=82), backbone=FAULTY).shape == (1, 16)
     assert server.metric("featurebank_worker_watchdog_kills_total") == 2
-    assert server.metric("featurebank_worker_restarts_total") == 2
+    assert server.metric(RESTARTS[preprocess_workers]) == 2
+    assert server.metric("featurebank_worker_restarts_total") == (2 if preprocess_workers == "0" else 0)
     assert "watchdog" in server.log()

@@ -71,6 +71,15 @@ class Backbone(abc.ABC):
     def forward(self, batch: list[Any]) -> dict[str, np.ndarray]:
         """Run the frozen model (training=False) on preprocessed items: {layer: (N, *shape)}."""
 
+    def load_preprocessing(self, info: BackboneInfo) -> None:
+        """Make ``preprocess`` work without ``load()``: no model, no TensorFlow (a preprocessing process).
+
+        ``info`` is what ``info()`` returned in a model worker (input shape and kind, for backbones
+        that learn them from the model). A backbone whose preprocessing needs its model keeps the
+        default, NotImplementedError: its items are then preprocessed in the model workers.
+        """
+        raise NotImplementedError(f"{type(self).__name__} preprocesses only with its model loaded")
+
     def warmup(self) -> None:
         """Trace every shape bucket so serving never traces; default: nothing to do."""
 

@@ -152,6 +152,19 @@ class ImageBackbone(TracedKerasBackbone):
             preprocessing=self.preprocessing,
         )
 
+    def load_preprocessing(self, info: BackboneInfo) -> None:
+        """Decode and resize need only the input size, known before the model is built.
+
+        A subclass that overrides ``preprocess`` but not this hook may need its model there: its
+        model workers preprocess.
+        """
+        cls = type(self)
+        if (
+            cls.preprocess is not ImageBackbone.preprocess
+            and cls.load_preprocessing is ImageBackbone.load_preprocessing
+        ):
+            raise NotImplementedError(f"{cls.__name__} overrides preprocess() without load_preprocessing()")
+
     def preprocess(self, item: InputItem) -> np.ndarray:
         return image_input(item, self.name, self.max_image_pixels, self.input_size)
 

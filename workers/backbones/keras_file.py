@@ -108,6 +108,11 @@ class KerasFileBackbone(TracedKerasBackbone):
             preprocessing=self.preprocessing,
         )
 
+    def load_preprocessing(self, info: BackboneInfo) -> None:
+        """The model's input shape and kind, from what the loaded model reported (no model loaded here)."""
+        self.item_shape = tuple(info.input_size)
+        self.input_kind = info.input_kind
+
     def preprocess(self, item: InputItem) -> np.ndarray:
         if self.input_kind == "image":
             return image_input(item, self.name, self.max_image_pixels, self.item_shape[:2]).astype(np.float32)

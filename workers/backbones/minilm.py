@@ -248,7 +248,6 @@ class MiniLM(TracedKerasBackbone):
     def load(self) -> None:
         import tensorflow as tf
         from safetensors.numpy import load_file
-        from tokenizers import Tokenizer
 
         start = time.perf_counter()
         path = model_dir()
@@ -258,8 +257,7 @@ class MiniLM(TracedKerasBackbone):
             raise ValueError(
                 f"length bucket {self.length_buckets[-1]} exceeds BERT's {config['max_position_embeddings']} positions"
             )
-        tokenizer_bytes = (path / "tokenizer.json").read_bytes()
-        self._tokenizer = self._make_tokenizer(Tokenizer.from_str(tokenizer_bytes.decode("utf-8")))
+        tokenizer_bytes = self._load_tokenizer(path)
 
         backbone = build_bert(config, load_file(str(path / "model.safetensors")))
         model = self.freeze(build_feature_model(backbone))
@@ -287,6 +285,18 @@ class MiniLM(TracedKerasBackbone):
             or self.batch_buckets[:1]
             for length in self.length_buckets
         }
+
+    def _load_tokenizer(self, path: Path) -> bytes:
+        """Load tokenizer.json from the weights package as this backbone's tokenizer; its bytes."""
+        from tokenizers import Tokenizer
+
+        tokenizer_bytes = (path / "tokenizer.json").read_bytes()
+        self._tokenizer = self._make_tokenizer(Tokenizer.from_str(tokenizer_bytes.decode("utf-8")))
+        return tokenizer_bytes
+
+    def load_preprocessing(self, info: BackboneInfo) -> None:
+        """The tokenizer alone: no weights, no TensorFlow."""
+        self._load_tokenizer(model_dir())
 
     def _make_tokenizer(self, tokenizer):
         # tokenizer.json ships with truncation 128 and fixed padding 128 (the HF export defaults);

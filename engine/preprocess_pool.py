@@ -1,0 +1,423 @@
+"""A pool of spawned preprocessing processes for one backbone: decode + resize + tokenize on every core."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from featurebank.common.errors import FeatureBankError, WorkerCrashError
+from featurebank.common.metrics import Metrics
+from featurebank.engine.batching import PendingItem
+from featurebank.engine.crashes import MAX_ATTEMPTS, CrashLedger
+from featurebank.engine.pool import RESTART_BACKOFF_S, WorkerDied, WorkerSetupError, WorkerState, describe_exit
+from featurebank.workers import preprocessing
+from featurebank.workers.backbones.base import BackboneInfo
+from featurebank.workers.messages import (
+    PREPROCESSED,
+    InputItem,
+    PreprocessChunk,
+    PreprocessReady,
+    PreprocessResult,
+    PreprocessSetup,
+    Shutdown,
+    WorkerFailed,
+)
+
+logger = logging.getLogger(__name__)
+
+# Most items one process takes at once: bounds what one crash sends back for retries, and keeps a
+# burst spread over the processes rather than on the first one free.
+MAX_CHUNK_ITEMS = 64
+
+
+class PreprocessProcess:
+    """One spawned preprocessing process: its pipe and state; each chunk's round trip runs in its own thread."""
+
+    _ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold gRPC threads
+
+    def __init__(self, setup: PreprocessSetup):
+        self.setup = setup
+        self.state = WorkerState.NEW
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.conn: multiprocessing.connection.Connection | None = None
+        self.killed_because: str | None = None
+        self.exited = False  # its sentinel fired (the pool's event loop watches it)
+        self.thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"preprocess-{setup.backbone}-{setup.process_index}"
+        )
+
+    def spawn(self) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        self.process = self._ctx.Process(
+            target=preprocessing.main,
+            args=(child, self.setup),
+            daemon=True,
+            name=f"featurebank-preprocess-{self.setup.backbone}-{self.setup.process_index}",
+        )
+        self.state = WorkerState.STARTING
+        self.killed_because = None
+        self.exited = False
+        self.process.start()
+        child.close()
+        self.conn = parent
+
+    def wait_ready(self, timeout_s: float) -> PreprocessReady:
+        """Block until the process reports ready; raises WorkerSetupError or WorkerDied."""
+        msg = self._receive(timeout_s)
+        if isinstance(msg, WorkerFailed):
+            self.kill()
+            raise WorkerSetupError(f"preprocessing of {self.setup.backbone!r} failed to load: {msg.error}")
+        if not isinstance(msg, PreprocessReady):
+            raise WorkerSetupError(f"unexpected first message {type(msg).__name__}")
+        self.state = WorkerState.READY if msg.supported else WorkerState.DEAD
+        return msg
+
+    def roundtrip(self, chunk: PreprocessChunk) -> PreprocessResult:
+        """Send one chunk and wait for its result; raises WorkerDied if the process exits meanwhile."""
+        try:
+            preprocessing.send(self.conn, chunk)
+        except (BrokenPipeError, OSError, EOFError) as e:
+            raise WorkerDied(self.death_reason()) from e
+        return self._receive(None)
+
+    def _receive(self, timeout_s: float | None) -> Any:
+        ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], timeout_s)
+        if not ready:
+            self.kill()
+            raise WorkerDied(f"no answer within {timeout_s:.0f}s")
+        if self.conn in ready:
+            try:
+                return preprocessing.receive(self.conn)
+            except (EOFError, OSError):
+                pass
+        raise WorkerDied(self.death_reason())
+
+    def death_reason(self) -> str:
+        """Why the (exited) process died; marks it DEAD."""
+        self.state = WorkerState.DEAD
+        self.process.join(5)
+        reason = describe_exit(self.process.exitcode)
+        return f"{self.killed_because}; {reason}" if self.killed_because else reason
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.state = WorkerState.DEAD
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.process is None:
+            return
+        try:
+            if self.process.is_alive():
+                preprocessing.send(self.conn, Shutdown())
+                self.process.join(timeout_s)
+        except (BrokenPipeError, OSError):
+            pass
+        self.kill()
+        if self.conn is not None:
+            self.conn.close()
+        self.thread.shutdown(wait=False)
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """One item to preprocess for its owner; ``future`` gets the preprocessed InputItem."""
+
+    item: PendingItem
+    future: asyncio.Future
+    attempts: int = 0  # chunks holding it that killed a process
+
+
+class PreprocessPool:
+    """``num_processes`` processes preprocessing one backbone's raw inputs, beside its model workers.
+
+    ``preprocess(item)`` returns the item as model input (an InputItem of kind PREPROCESSED).
+    Items submitted in the same event-loop turn travel together: each free process takes its
+    share of what is waiting as one chunk (one pipe round trip), so a request of 32 images is
+    decoded on every process at once. A bad item fails alone (INVALID_ARGUMENT). A process that
+    dies is restarted; every item of the chunk it held is retried alone, and an item that kills
+    a process on its second try fails with INTERNAL; crashes are counted in the backbone's
+    ``CrashLedger``, shared with its model workers, so a poison input is refused at once
+    afterwards. A chunk running past ``max(watchdog_floor_s, watchdog_multiple x the slowest item
+    seen x its items)`` gets its process killed, handled like a crash. A backbone whose
+    preprocessing needs its model (``load_preprocessing`` not implemented) leaves the pool
+    disabled: its model workers preprocess, as with no pool.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        *,
+        options: dict[str, Any],
+        num_processes: int,
+        metrics: Metrics,
+        crashes: CrashLedger,
+        memory_limit_mb: int = 0,
+        start_timeout_s: float = 120.0,
+        watchdog_floor_s: float = 60.0,
+        watchdog_multiple: float = 10.0,
+        on_ready_change: Callable[[str, int], None] | None = None,
+    ):
+        if num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+        self.backbone = backbone
+        self.options = options
+        self.num_processes = num_processes
+        self.metrics = metrics
+        self.crashes = crashes
+        self.memory_limit_mb = memory_limit_mb
+        self.start_timeout_s = start_timeout_s
+        self.watchdog_floor_s = watchdog_floor_s
+        self.watchdog_multiple = watchdog_multiple
+        self.slowest_item_s = 0.0
+        self.on_ready_change = on_ready_change or (lambda backbone, ready: None)
+        self.enabled = False  # set by start(): the processes are up and the backbone supports it
+        self.tensorflow_loaded = False  # what the processes reported (never, for the built-in backbones)
+        self.processes: list[PreprocessProcess] = []
+        self._waiting: collections.deque[_Job] = collections.deque()  # submitted, not yet in a chunk
+        self._alone: collections.deque[_Job] = collections.deque()  # held by a crashed process: one per chunk
+        self._work = asyncio.Event()
+        self._free = 0  # processes ready and holding no chunk: the ones a turn's items are spread over
+        self._chunk_ids = itertools.count()
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+
+    @property
+    def ready_count(self) -> int:
+        return sum(p.state in (WorkerState.READY, WorkerState.BUSY) for p in self.processes)
+
+    async def start(self, info: BackboneInfo) -> bool:
+        """Spawn the processes and wait for them; True if they preprocess (else the pool stays disabled)."""
+        self.processes = [
+            PreprocessProcess(
+                PreprocessSetup(self.backbone, self.options, info, i, memory_limit_mb=self.memory_limit_mb)
+            )
+            for i in range(self.num_processes)
+        ]
+        for p in self.processes:
+            p.spawn()
+        loop = asyncio.get_running_loop()
+        readies = await asyncio.gather(
+            *(loop.run_in_executor(p.thread, p.wait_ready, self.start_timeout_s) for p in self.processes)
+        )
+        if not all(r.supported for r in readies):
+            logger.info("%s: preprocessing stays in the model workers (%s)", self.backbone, readies[0].reason)
+            await loop.run_in_executor(None, self._stop_all)
+            self.processes = []
+            return False
+        self.tensorflow_loaded = any(r.tensorflow_loaded for r in readies)
+        if self.tensorflow_loaded:  # a user's backbone module imports it: memory per process, nothing worse
+            logger.warning("%s: its preprocessing processes imported TensorFlow", self.backbone)
+        self.enabled = True
+        self._free = len(self.processes)
+        self._update_ready()
+        self._tasks = [
+            asyncio.create_task(self._feed(p), name=f"preprocess-{self.backbone}-{i}")
+            for i, p in enumerate(self.processes)
+        ]
+        logger.info("%s: %d preprocessing processes ready", self.backbone, len(self.processes))
+        return True
+
+    def preprocess(self, item: PendingItem) -> asyncio.Future:
+        """A future of ``item`` as model input; a bad input's future raises FeatureBankError."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Job(item, future))
+        self._work.set()  # the free processes take it after this turn: with the rest of the turn's items
+        return future
+
+    def _update_ready(self) -> None:
+        ready = self.ready_count
+        self.metrics.preprocess_ready.labels(self.backbone).set(ready)
+        self.on_ready_change(self.backbone, ready)
+
+    def _take_chunk(self) -> list[_Job]:
+        """What this free process takes: a job to retry alone, else its share of the waiting jobs."""
+        if self._alone:
+            return [self._alone.popleft()]
+        share = min(MAX_CHUNK_ITEMS, math.ceil(len(self._waiting) / max(1, self._free)))
+        return [self._waiting.popleft() for _ in range(min(share, len(self._waiting)))]
+
+    def _runnable(self, jobs: list[_Job]) -> list[_Job]:
+        """Drop jobs nobody waits for any more; refuse poison inputs without a process."""
+        keep = []
+        for job in jobs:
+            if job.future.done():
+                continue
+            error = self.crashes.refusal(job.item, "preprocessing processes") if self.crashes else None
+            if error is None:
+                keep.append(job)
+            else:
+                job.future.set_exception(error)
+        return keep
+
+    async def _feed(self, p: PreprocessProcess) -> None:
+        """Give one process chunks, one at a time; notice its death (busy or idle) and restart it."""
+        loop = asyncio.get_running_loop()
+        fd = self._watch(p)
+        try:
+            while not self._closing:
+                if p.exited:
+                    self._unwatch(fd)
+                    self._on_death(p, [], p.death_reason())
+                    await self._restart_counted(p)
+                    fd = self._watch(p)
+                    continue
+                if not self._alone and not self._waiting:
+                    self._work.clear()
+                    await self._work.wait()
+                    continue
+                jobs = self._runnable(self._take_chunk())
+                if not jobs:
+                    continue
+                chunk = PreprocessChunk(next(self._chunk_ids), [j.item.payload for j in jobs])
+                p.state = WorkerState.BUSY
+                self._free -= 1
+                started = time.monotonic()
+                try:
+                    result = await self._watched(p, loop.run_in_executor(p.thread, p.roundtrip, chunk), len(jobs))
+                except WorkerDied as e:
+                    self._unwatch(fd)
+                    self._on_death(p, jobs, str(e))
+                    await self._restart(p)
+                    fd = self._watch(p)
+                    continue
+                finally:
+                    self._free += 1
+                p.state = WorkerState.READY
+                self._resolve(jobs, result, time.monotonic() - started)
+        finally:
+            self._unwatch(fd)
+
+    async def _restart_counted(self, p: PreprocessProcess) -> None:
+        """Restart an idle process; meanwhile it is not counted among the free ones."""
+        self._free -= 1
+        try:
+            await self._restart(p)
+        finally:
+            self._free += 1
+
+    async def _watched(self, p: PreprocessProcess, done: asyncio.Future, items: int) -> PreprocessResult:
+        """The chunk's result; its process is killed (a crash) if it runs far past the slowest item seen."""
+        if self.watchdog_floor_s <= 0:
+            return await done
+        limit_s = max(self.watchdog_floor_s, self.watchdog_multiple * self.slowest_item_s * items)
+        finished, _ = await asyncio.wait({done}, timeout=limit_s)
+        if not finished:
+            p.killed_because = f"stuck: its chunk of {items} ran past the watchdog's {limit_s:.1f}s; killed"
+            logger.error("preprocessing %s-%d %s", self.backbone, p.setup.process_index, p.killed_because)
+            self.metrics.watchdog_kills.labels(self.backbone).inc()
+            p.process.kill()
+        return await done
+
+    def _watch(self, p: PreprocessProcess) -> int:
+        """Mark the process exited when its sentinel fires, and wake the feeders (an idle death counts too)."""
+        loop = asyncio.get_running_loop()
+        fd = p.process.sentinel
+
+        def on_exit() -> None:
+            loop.remove_reader(fd)
+            p.exited = True
+            self._work.set()
+
+        loop.add_reader(fd, on_exit)
+        return fd
+
+    @staticmethod
+    def _unwatch(fd: int | None) -> None:
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+
+    def _resolve(self, jobs: list[_Job], result: PreprocessResult, chunk_s: float) -> None:
+        histogram = self.metrics.preprocess_duration.labels(self.backbone)
+        for job, value, error, seconds in zip(jobs, result.values, result.errors, result.seconds):
+            histogram.observe(seconds)
+            self.slowest_item_s = max(self.slowest_item_s, seconds)
+            if job.attempts:  # preprocessed after a crash: it was a bystander
+                self.crashes.forget(job.item)
+            if job.future.done():
+                continue
+            if error is not None:
+                job.future.set_exception(FeatureBankError(error[1], grpc.StatusCode[error[0]]))
+            else:
+                job.future.set_result(InputItem(PREPROCESSED, value))
+
+    def _on_death(self, p: PreprocessProcess, jobs: list[_Job], reason: str) -> None:
+        logger.error(
+            "preprocessing %s-%d died (%s) %s; restarting it",
+            self.backbone,
+            p.setup.process_index,
+            reason,
+            f"with a chunk of {len(jobs)}" if jobs else "while idle",
+        )
+        self.metrics.preprocess_crashes.labels(self.backbone).inc()
+        self._update_ready()
+        for job in jobs:
+            job.attempts += 1
+            crashes = self.crashes.count(job.item)
+            if job.future.done():
+                continue
+            if max(job.attempts, crashes) >= MAX_ATTEMPTS:
+                job.future.set_exception(
+                    WorkerCrashError(
+                        f"this input crashed {self.backbone} preprocessing processes {crashes} times ({reason}); "
+                        "not retried"
+                    )
+                )
+            else:
+                self._alone.append(job)
+        if self._alone:
+            self._work.set()
+
+    async def _restart(self, p: PreprocessProcess) -> None:
+        loop = asyncio.get_running_loop()
+        for attempt in itertools.count():
+            if self._closing:
+                return
+            try:
+                p.kill()
+                p.spawn()
+                await loop.run_in_executor(p.thread, p.wait_ready, self.start_timeout_s)
+                logger.info("preprocessing %s-%d is back", self.backbone, p.setup.process_index)
+                self._update_ready()
+                return
+            except (WorkerDied, WorkerSetupError) as e:
+                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                logger.error(
+                    "restarting preprocessing %s-%d failed (%s); next try in %.1fs",
+                    self.backbone,
+                    p.setup.process_index,
+                    e,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    def _stop_all(self) -> None:
+        for p in self.processes:
+            p.stop()
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for job in [*self._alone, *self._waiting]:
+            if not job.future.done():
+                job.future.set_exception(FeatureBankError("the server is shutting down", grpc.StatusCode.UNAVAILABLE))
+        self._alone.clear()
+        self._waiting.clear()
+        await asyncio.get_running_loop().run_in_executor(None, self._stop_all)
+        self.enabled = False
+        self.metrics.preprocess_ready.labels(self.backbone).set(0)

@@ -1,0 +1,123 @@
+"""The preprocessing pool: decode and resize in their own processes, a bad or crashing input fails alone."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+
+import grpc
+import numpy as np
+import pytest
+
+from featurebank.client import FeatureBank
+from featurebank.server.testing import wait_until
+from fixture_backbones import KILL_MARKER
+from support import random_images
+
+FAULTY = "fixture_backbones:FaultyToy"
+
+
+def test_a_bad_image_among_good_ones_fails_alone_in_the_pool(start_server):
+    """With --preprocess-workers 2 a corrupt image gets INVALID_ARGUMENT and its neighbours get features,
+    all decoded by the pool's processes (none by the model worker)."""
+    server = start_server("--backbone", "toy", "--preprocess-workers", "2")
+    assert len(server.preprocess_pids()) == 2 and len(server.worker_pids()) == 1
+    good = random_images(4, seed=80)
+    with FeatureBank(server.target, timeout_s=120) as bank:
+        outcomes = bank.extract_items([good[0], good[1], b"\x89PNG\r\n\x1a\n not really", good[2], good[3]])
+    assert [o.error is None for o in outcomes] == [True, True, False, True, True]
+    assert outcomes[2].error.code == grpc.StatusCode.INVALID_ARGUMENT, outcomes[2].error
+    assert server.metric("featurebank_preprocess_duration_seconds_count", backbone="toy") == 5
+    assert server.metric("featurebank_preprocess_processes_ready", backbone="toy") == 2
+
+
+def test_a_crashing_preprocessing_process_fails_only_its_input_and_is_restarted(start_server):
+    """An input that kills its preprocessing process is retried alone, fails INTERNAL after its second crash,
+    its neighbours get features, the model worker is untouched, and the pool is whole again afterwards."""
+    server = start_server("--backbone", FAULTY, "--preprocess-workers", "2", "--max-batch-delay-ms", "20")
+    (worker,) = server.worker_pids()
+    good = random_images(3, seed=81)
+    poison = KILL_MARKER + b"preprocess-poison"
+    with FeatureBank(server.target, timeout_s=180) as bank:
+        outcomes = bank.extract_items([good[0], poison, good[1], good[2]], backbone=FAULTY)
+        assert [o.error is None for o in outcomes] == [True, False, True, True]
+        assert outcomes[1].error.code == grpc.StatusCode.INTERNAL, outcomes[1].error
+        assert server.metric("featurebank_preprocess_crashes_total", backbone=FAULTY) == 2
+        assert server.metric("featurebank_worker_restarts_total") == 0
+        wait_until(
+            lambda: server.metric("featurebank_preprocess_processes_ready", backbone=FAULTY) == 2, 60, "the pool whole"
+        )
+        assert server.worker_pids() == [worker]
+        again = bank.extract_items([poison, *random_images(2, seed=82)], backbone=FAULTY)
+    assert "refused" in again[0].error.message, again[0].error
+    assert again[1].error is None and again[2].error is None
+    assert server.metric("featurebank_preprocess_crashes_total", backbone=FAULTY) == 2
+    assert len(server.preprocess_pids()) == 2
+
+
+def _features(start_server, backbone: str, workers: str, inputs: list) -> list[np.ndarray]:
+    server = start_server("--backbone", backbone, "--preprocess-workers", workers)
+    with FeatureBank(server.target, timeout_s=600) as bank:
+        # One input per request, so every batch is one item both ways: a model's float results may
+        # differ in the last bit between batch shapes, which would hide what this compares.
+        out = [bank.extract([x], backbone=backbone)[0] for x in inputs]
+    pool_items = server.metric("featurebank_preprocess_duration_seconds_count", backbone=backbone)
+    assert pool_items == (0 if workers == "0" else len(inputs)), pool_items
+    server.terminate()
+    return out
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _images() -> list[bytes]:
+    # Sizes that are resized (up and down) and one already at a model's size, PNG and JPEG alike.
+    rng = np.random.default_rng(83)
+    pixels = [rng.integers(0, 256, s, dtype=np.uint8) for s in ((40, 48, 3), (300, 200, 3), (224, 224, 3))]
+    return random_images(2, seed=84) + [_jpeg(p) for p in pixels]
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        "toy",
+        pytest.param("efficientnet_lite0", marks=pytest.mark.slow),
+        pytest.param("minilm", marks=pytest.mark.slow),
+    ],
+)
+def test_features_are_bit_for_bit_the_same_with_and_without_the_pool(start_server, backbone):
+    """The same inputs give identical features (every bit) whether the model worker or the pool preprocesses."""
+    inputs = ["a cat on a mat", "featurebank", " ".join(["long"] * 400)] if backbone == "minilm" else _images()
+    without = _features(start_server, backbone, "0", inputs)
+    with_pool = _features(start_server, backbone, "2", inputs)
+    for a, b in zip(without, with_pool, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+
+
+def test_health_is_not_serving_while_a_backbone_has_no_ready_preprocessing_process(start_server, tmp_path):
+    """With every preprocessing process of a backbone dead and restarting, health says NOT_SERVING (its items
+    could not be decoded); SERVING again, and serving, once one is back."""
+    gate = tmp_path / "hold-the-restart"
+    server = start_server(
+        "--backbone", FAULTY, "--preprocess-workers", "2", env={"FB_TEST_PREPROCESS_GATE_FILE": str(gate)}
+    )
+    assert server.health() == "SERVING"
+    gate.touch()  # restarted processes wait in load_preprocessing() until the gate is gone
+    for pid in server.preprocess_pids():
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: server.health() == "NOT_SERVING", 30, "health NOT_SERVING with no preprocessing process")
+    assert server.health(f"featurebank.v1.FeatureBank/{FAULTY}") == "NOT_SERVING"
+    assert server.metric("featurebank_preprocess_processes_ready", backbone=FAULTY) == 0
+    assert server.metric("featurebank_workers_ready") == 1
+    gate.unlink()
+    wait_until(lambda: server.health() == "SERVING", 60, "health SERVING once a preprocessing process is back")
+    with FeatureBank(server.target, timeout_s=60) as bank:
+        assert bank.extract(random_images(1, seed=85), backbone=FAULTY).shape == (1, 16)
+    assert server.metric("featurebank_preprocess_crashes_total", backbone=FAULTY) == 2
