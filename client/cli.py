@@ -163,11 +163,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     try:
-        asyncio.run(app.serve(cfg))
+        code = asyncio.run(app.serve(cfg))
     except PortInUseError as e:
         print(f"featurebank serve: {e}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0  # 1 when --frontends N gave up on an engine that kept dying
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
