@@ -323,7 +323,8 @@ async def serve(config: ServerConfig, *, engine_socket: str = "") -> int:
         from featurebank.server.supervisor import Supervisor
 
         code = await Supervisor(config).run()
-        logger.info("featurebank stopped")  # the last line: every process drained and gone
+        # The last line: every process drained and gone.
+        logger.info("featurebank stopped" + ("" if code == 0 else " (exit %d)"), *([code] if code else []))
         return code
     server = FeatureBankServer(config, engine_socket=engine_socket)
     loop = asyncio.get_running_loop()

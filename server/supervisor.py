@@ -172,6 +172,7 @@ class Supervisor:
         self._reserved: list[socket.socket] = []
         self._metrics_http = None
         self._stopping = False
+        self._ready = False  # every frontend served once: from then on, what dies is restarted
         self._done = asyncio.Event()
         self._exit_code = 0
         self._engine_crashes: collections.deque[float] = collections.deque()
@@ -216,6 +217,7 @@ class Supervisor:
             await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
             ready.cancel()
             if not self._stopping:
+                self._ready = True
                 self._write_port_file(ready=True)
                 logger.info(
                     "featurebank listening on %s:%d with %d frontends (pids %s) and an engine (pid %d), "
@@ -293,6 +295,14 @@ class Supervisor:
         if self._stopping:
             return
         self._mark_dead(child.pid)
+        if not self._ready:  # a bad backbone, a TLS file, ...: it said why; restarting would say it again
+            logger.error(
+                "%s (pid %d) exited during start-up (%s); stopping", child.name, child.pid, describe_exit(code)
+            )
+            self._exit_code = 1
+            self._stopping = True
+            self._done.set()
+            return
         if child.role == "frontend":
             # Said by its exit code: -9 is a SIGKILL (the OOM killer?), 1 an exception it logged.
             logger.error("%s (pid %d) died (%s); restarting it", child.name, child.pid, describe_exit(code))

@@ -6,7 +6,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import time
 
 import grpc
 import pytest
@@ -172,6 +171,34 @@ def test_killed_frontend_is_restarted_and_sigterm_leaves_no_process(start_server
     wait_until(lambda: not any(_alive(p) for p in everyone), 30, "every process of the pod gone")
 
 
+def test_sigterm_finishes_an_in_flight_miss(start_server, redis_server):
+    """SIGTERM while a miss waits in the engine: the frontend finishes that RPC (features), then the pod exits 0."""
+    s = start_server(
+        "--backbone", "toy", "--redis-url", redis_server.url, "--frontends", "2", "--max-batch-delay-ms", "3000"
+    )
+    channel, stub = _stub(s.target)
+    with channel:
+        call = stub.Extract.future(
+            pb.ExtractRequest(backbone="toy", inputs=[pb.Input(image=random_images(1, seed=17)[0])]), timeout=60
+        )
+        wait_until(lambda: s.metric("featurebank_queue_depth", backbone="toy") >= 1, 10, "the item queued")
+        s.proc.send_signal(signal.SIGTERM)
+        response = call.result()
+    assert not response.results[0].HasField("error") and len(response.results[0].features.data) > 0
+    assert s.proc.wait(60) == 0
+    assert s.log().rstrip().endswith("featurebank stopped"), s.log(2000)
+
+
+def test_engine_failing_to_start_stops_the_pod(redis_server):
+    """A backbone that cannot load: the engine exits during start-up, and the pod exits 1 instead of restarting it."""
+    s = ServerProcess("--backbone", "no_such_backbone", "--redis-url", redis_server.url, "--frontends", "2").spawn()
+    try:
+        assert s.proc.wait(120) == 1
+    finally:
+        s.terminate()
+    assert "engine (pid" in s.log() and "exited during start-up" in s.log(), s.log(3000)
+
+
 def test_pod_survives_a_killed_engine(start_server, redis_server):
     """A killed engine takes the frontends to NOT_SERVING, is restarted, and misses are computed again."""
     s = start_server("--backbone", "toy", "--redis-url", redis_server.url, "--frontends", "2")
@@ -182,4 +209,3 @@ def test_pod_survives_a_killed_engine(start_server, redis_server):
     assert f"the engine (pid {engine}) died (exit -9 (SIGKILL" in s.log()
     response = _extract(s.target, random_images(1, seed=16)[0])
     assert not response.results[0].cache_hit and not response.results[0].HasField("error")
-    time.sleep(0)  # nothing more: teardown checks the drain
