@@ -6,6 +6,9 @@ import concurrent.futures
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -197,6 +200,35 @@ def test_engine_failing_to_start_stops_the_pod(redis_server):
     finally:
         s.terminate()
     assert "engine (pid" in s.log() and "exited during start-up" in s.log(), s.log(3000)
+
+
+def test_frontends_mistakes_are_one_line():
+    """--frontends 2 without a shared cache exits 2, and on a port in use exits 1, each in one stderr line naming the flag."""
+    serve = [sys.executable, "-m", "featurebank.server", "--backbone", "toy", "--metrics-port", "-1"]
+    r = subprocess.run([*serve, "--frontends", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--redis-url" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run(
+            [
+                *serve,
+                "--frontends",
+                "2",
+                "--redis-url",
+                "redis://127.0.0.1:1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert r.returncode == 1 and f"gRPC port {port} on 127.0.0.1 is already in use" in r.stderr, r.stderr
+    assert "--port" in r.stderr.strip().splitlines()[-1]
 
 
 def test_pod_survives_a_killed_engine(start_server, redis_server):
