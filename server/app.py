@@ -227,7 +227,8 @@ class FeatureBankServer:
                 ", ".join(l.name for l in info.layers),
             )
         logger.info(
-            "featurebank listening on %s:%d, metrics on :%d%s, cache %s",
+            "%s listening on %s:%d, metrics on :%d%s, cache %s",
+            "featurebank" if self.engine is not None else "frontend",  # a frontend's /metrics: the supervisor's
             c.host,
             self.port,
             self.metrics_port,
