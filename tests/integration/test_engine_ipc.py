@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import tempfile
 
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from featurebank.server import engine_messages as msgs
 from featurebank.server.config import ServerConfig
 from featurebank.server.engine_client import EngineClient
 from featurebank.server.engine_server import EngineServer
@@ -55,41 +53,6 @@ async def _compute(client: EngineClient, keys: list[str], images: list[bytes], d
     payloads = {k: InputItem("image", img) for k, img in zip(keys, images)}
     served = _served(client)
     return await client.compute(served, served.info.default_layer, keys, payloads, deadline=deadline)
-
-
-def test_frames_carry_arrays_out_of_band():
-    """A result's arrays travel as separate buffers (not copied into the pickle) and come back equal."""
-    arrays = [np.arange(12, dtype=np.float32).reshape(3, 4), np.ones(5, dtype=np.float16)]
-    message = msgs.ComputeResult(
-        7, features=[*arrays, None], from_cache=[False, True, False], errors=[None, None, ("X", "INTERNAL", "m")]
-    )
-    chunks = msgs.frame(message)
-    assert len(chunks) == 2 + len(arrays)  # header, pickle, one chunk per array
-
-    async def roundtrip():
-        reader = asyncio.StreamReader()
-        for c in chunks:
-            reader.feed_data(bytes(c))
-        return await msgs.read_message(reader)
-
-    back = asyncio.run(roundtrip())
-    assert back.request_id == 7 and back.from_cache == [False, True, False]
-    for a, b in zip(arrays, back.features):
-        assert a.dtype == b.dtype and np.array_equal(a, b)
-
-
-def test_errors_cross_as_the_same_domain_exceptions():
-    """QueueFullError, DeadlineExceededError and coded FeatureBankErrors keep their class, code and message."""
-    for e in (
-        QueueFullError("full"),
-        DeadlineExceededError("late"),
-        FeatureBankError("bad", grpc.StatusCode.INVALID_ARGUMENT),
-    ):
-        back = msgs.decode_error(msgs.encode_error(e))
-        assert type(back) is type(e) and back.code == e.code and str(back) == str(e)
-    back = msgs.decode_error(msgs.encode_error(ValueError("oops")))
-    assert isinstance(back, FeatureBankError) and back.code == grpc.StatusCode.INTERNAL and "oops" in str(back)
-    assert isinstance(msgs.decode_error(msgs.encode_error(asyncio.CancelledError())), asyncio.CancelledError)
 
 
 async def test_compute_answers_features_and_per_item_errors(engine):
@@ -154,11 +117,3 @@ async def test_deadline_crosses_as_remaining_time(engine):
     deadline = asyncio.get_running_loop().time() + 0.2
     out = await _compute(client, ["late"], random_images(1, seed=25), deadline=deadline)
     assert isinstance(out["late"], DeadlineExceededError)
-
-
-def test_config_refuses_frontends_without_a_shared_cache():
-    """--frontends 2 with the in-process LRU is refused with one line naming --redis-url."""
-    with pytest.raises(ValueError, match="need a shared cache; give --redis-url"):
-        ServerConfig(backbone=["toy"], frontends="2")
-    assert ServerConfig(backbone=["toy"]).frontend_count == 1  # auto without a shared cache
-    assert dataclasses.replace(ServerConfig(backbone=["toy"]), redis_url="redis://x", frontends="3").frontend_count == 3
