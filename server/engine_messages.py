@@ -3,7 +3,8 @@
 One frame is one message pickled with protocol 5: numpy arrays travel as out-of-band buffers,
 written to the socket as they are (no copy into the pickle) and read back as the arrays' memory
 (one copy, the socket read). Frame: ``!I`` buffer count n, ``!Q`` x (n + 1) lengths (the pickle,
-then each buffer), the pickle, the buffers. Image bytes are in the pickle (one copy there).
+then each buffer), the pickle, the buffers. Large image bytes travel the same way (the frontend
+wraps them in a PickleBuffer: engine_client.py); small ones are in the pickle.
 """
 
 from __future__ import annotations

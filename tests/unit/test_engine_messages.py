@@ -55,3 +55,35 @@ def test_config_refuses_frontends_without_a_shared_cache():
         ServerConfig(backbone=["toy"], frontends="2")
     assert ServerConfig(backbone=["toy"]).frontend_count == 1  # auto without a shared cache
     assert dataclasses.replace(ServerConfig(backbone=["toy"]), redis_url="redis://x", frontends="3").frontend_count == 3
+
+
+def test_large_image_bytes_travel_beside_the_pickle_and_arrive_as_bytes():
+    """A 100 KB image payload is one out-of-band chunk (not in the pickle) and the engine reads the same bytes."""
+    from featurebank.server.engine_client import _for_the_wire
+    from featurebank.workers.backbones.base import InputItem
+
+    image = bytes(range(256)) * 400
+    request = msgs.ComputeRequest(
+        1,
+        "toy",
+        "pooled",
+        ["k", "s"],
+        [_for_the_wire(InputItem("image", image)), _for_the_wire(InputItem("image", b"small"))],
+        None,
+        "",
+        True,
+        True,
+        False,
+    )
+    chunks = msgs.frame(request)
+    assert len(chunks) == 3 and len(chunks[1]) < 1000 and bytes(chunks[2]) == image
+
+    async def roundtrip():
+        reader = asyncio.StreamReader()
+        for c in chunks:
+            reader.feed_data(bytes(c))
+        return await msgs.read_message(reader)
+
+    back = asyncio.run(roundtrip())
+    assert [type(i.payload) for i in back.payloads] == [bytes, bytes]
+    assert back.payloads[0].payload == image and back.payloads[1].payload == b"small"
