@@ -204,6 +204,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
+            self.config = self._with_shared_cache(self.config)
             self._reserve_ports()
             self._start_metrics()
             self.engine = self._new_engine()
@@ -234,6 +235,16 @@ class Supervisor:
         finally:
             await self._stop_all()
         return self._exit_code
+
+    def _with_shared_cache(self, config: ServerConfig) -> ServerConfig:
+        """The config every child gets, naming the cache the frontends and the engine share.
+
+        Today that is --redis-url (ServerConfig refuses N >= 2 without one). The embedded cache
+        plugs in here: start it once for the pod (``EmbeddedCache(config).start() -> url``), return
+        ``dataclasses.replace(config, redis_url=url)``, stop it after the engine in _stop_all, and
+        relax the refusal and the auto rule in ServerConfig (``frontend_count``).
+        """
+        return config
 
     def _reserve_ports(self) -> None:
         c = self.config
