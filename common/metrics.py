@@ -1,4 +1,11 @@
-"""Every Prometheus metric the server exports, declared in one place (prefix featurebank_)."""
+"""Every Prometheus metric the server exports, declared in one place (prefix featurebank_).
+
+With ``--frontends N`` every process (engine, frontends) writes its values to files under
+PROMETHEUS_MULTIPROC_DIR and the supervisor's /metrics sums them (MultiProcessCollector):
+counters and histograms add up; each gauge says how (``multiprocess_mode``, ignored by a single
+process): ``livesum`` sums the processes alive now (a dead one's value leaves), ``all`` keeps one
+series per process (a ``pid`` label).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ class Metrics:
             "Items of a tenant's RPCs being worked on (tenants with a limit).",
             ["tenant"],
             registry=r,
+            multiprocess_mode="livesum",  # each frontend gates its own RPCs: the pod's total
         )
         self.tenant_limited = Counter(
             "featurebank_tenant_limited",
@@ -87,9 +95,20 @@ class Metrics:
             ["backbone"],
             registry=r,
         )
-        self.queue_depth = Gauge("featurebank_queue_depth", "Items waiting in the batcher.", ["backbone"], registry=r)
+        # Set by the engine alone: livesum is its value while it lives (and 0 once it died).
+        self.queue_depth = Gauge(
+            "featurebank_queue_depth",
+            "Items waiting in the batcher.",
+            ["backbone"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.workers_ready = Gauge(
-            "featurebank_workers_ready", "Worker processes ready to take batches.", ["backbone"], registry=r
+            "featurebank_workers_ready",
+            "Worker processes ready to take batches.",
+            ["backbone"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.worker_restarts = Counter(
             "featurebank_worker_restarts", "Worker processes restarted after dying.", ["backbone"], registry=r
@@ -159,6 +178,14 @@ class Metrics:
             "tf.function traces per worker since start (constant after warm-up).",
             ["backbone", "worker"],
             registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.frontend_requests = Gauge(
+            "featurebank_frontend_requests",
+            "RPCs this frontend process answered since it started (with --frontends N: one series per "
+            "process, its pid label; sampled every second).",
+            registry=r,
+            multiprocess_mode="all",
         )
         self.head_predictions = Counter(
             "featurebank_head_predictions", "Items a served head predicted.", ["head", "version"], registry=r

@@ -17,12 +17,11 @@ from prometheus_client import start_http_server
 
 from featurebank.common.cache import FeatureCache, LRUCache, RedisCache
 from featurebank.common.metrics import Metrics
-from featurebank.engine.batching import DynamicBatcher
-from featurebank.engine.pool import WorkerPool
-from featurebank.engine.preprocess_pool import PreprocessPool
 from featurebank.server.auth import TokenAuthenticator, server_credentials
 from featurebank.server.config import ServerConfig, is_loopback
 from featurebank.server.embedded_cache import EmbeddedCache
+from featurebank.server.engine_client import EngineClient, RemotePool
+from featurebank.server.engine_core import Engine, batch_buckets  # noqa: F401 (batch_buckets: re-exported)
 from featurebank.server.head_store import open_head_store
 from featurebank.server.heads import HeadLimits
 from featurebank.server.interceptors import StatusInterceptor
@@ -55,22 +54,17 @@ def make_cache(config: ServerConfig, metrics: Metrics, url: str = "") -> Feature
     )
 
 
-def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
-    """Powers of two below max_batch_size, and max_batch_size: the shapes workers trace at warm-up."""
-    buckets = [1]
-    while buckets[-1] * 2 < max_batch_size:
-        buckets.append(buckets[-1] * 2)
-    if buckets[-1] != max_batch_size:
-        buckets.append(max_batch_size)
-    return tuple(buckets)
-
-
 class FeatureBankServer:
-    """One server process: worker pools, cache, gRPC server, health and metrics endpoints."""
+    """One server process: worker pools, cache, gRPC server, health and metrics endpoints.
 
-    def __init__(self, config: ServerConfig, cache_url: str = ""):
-        """``cache_url``: an embedded cache another process of the pod runs; without it, this
-        server runs its own (with --cache embedded)."""
+    With ``engine_socket`` it is one frontend of ``--frontends N`` (supervisor.py): it hashes,
+    reads the cache and answers hits itself, and sends misses to the engine process through an
+    EngineClient; its gRPC port is shared with the other frontends (SO_REUSEPORT).
+    """
+
+    def __init__(self, config: ServerConfig, *, engine_socket: str = "", cache_url: str = ""):
+        """``cache_url``: an embedded cache another process of the pod runs (the supervisor's);
+        without it, this server runs its own (with --cache embedded)."""
         self.config = config
         self.metrics = Metrics()
         own = config.cache_kind == "embedded" and not cache_url
@@ -79,9 +73,16 @@ class FeatureBankServer:
         self.cache = make_cache(config, self.metrics, cache_url)
         self.heads = open_head_store(config)
         self.health = health.aio.HealthServicer()
-        self.pools: dict[str, WorkerPool] = {}
-        self.preprocessing: dict[str, PreprocessPool] = {}  # started once the pool's workers are ready
-        self.batchers: dict[str, DynamicBatcher] = {}
+        self.backbone_names = [name for name, _ in config.backbone_specs]
+        self.engine: Engine | None = None
+        self.engine_client: EngineClient | None = None
+        if engine_socket:  # a frontend: the engine is another process
+            self.engine_client = EngineClient(engine_socket, on_state=lambda: self._on_ready_change("", 0))
+            self.pools, self.batchers = {}, {}
+        else:  # the batchers, worker pools and MissPath in this process: one process serves everything
+            self.engine = Engine(config, self.metrics, self.cache, on_ready_change=self._on_ready_change)
+            self.pools = self.engine.pools
+            self.batchers = self.engine.batchers
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
         self.port = 0
@@ -92,54 +93,7 @@ class FeatureBankServer:
         self._serving = False  # start-up finished: health follows the workers from then on
         self._health_lock = asyncio.Lock()
         self._health_tasks: set[asyncio.Task] = set()
-
-    def _make_pools(self) -> None:
-        c = self.config
-        for name, options in c.backbone_specs:
-            if name in self.pools:
-                raise ValueError(f"backbone {name!r} listed twice")
-            options = {
-                "max_image_pixels": c.max_image_pixels,
-                "batch_buckets": batch_buckets(c.max_batch_size),
-                **options,
-            }
-            batcher = DynamicBatcher(
-                max_batch_size=c.max_batch_size,
-                max_batch_delay_ms=c.max_batch_delay_ms,
-                max_queue_size=c.max_queue_size,
-                max_queue_share=c.max_queue_share if c.tokens_file else 1.0,
-                on_drop=lambda item, reason, n=name: self.metrics.dropped_items.labels(n, reason).inc(),
-                on_depth=lambda depth, n=name: self.metrics.queue_depth.labels(n).set(depth),
-            )
-            self.batchers[name] = batcher
-            self.pools[name] = WorkerPool(
-                name,
-                options=options,
-                num_workers=c.num_workers,
-                batcher=batcher,
-                metrics=self.metrics,
-                gpus=c.gpu_list,
-                intra_op_threads=c.intra_op_threads,
-                inter_op_threads=c.inter_op_threads,
-                warmup=c.warmup,
-                pipeline_depth=c.pipeline_depth,
-                memory_limit_mb=c.worker_memory_limit_mb,
-                watchdog_floor_s=c.watchdog_floor_s,
-                watchdog_multiple=c.watchdog_multiple,
-                on_ready_change=self._on_ready_change,
-            )
-            if c.num_preprocess_workers > 0:
-                self.preprocessing[name] = PreprocessPool(
-                    name,
-                    options=options,
-                    num_processes=c.num_preprocess_workers,
-                    metrics=self.metrics,
-                    crashes=self.pools[name].crashes,  # one poison ledger per backbone, whichever process dies
-                    memory_limit_mb=c.worker_memory_limit_mb,
-                    watchdog_floor_s=c.watchdog_floor_s,
-                    watchdog_multiple=c.watchdog_multiple,
-                    on_ready_change=self._on_ready_change,
-                )
+        self._sampler: asyncio.Task | None = None
 
     def _on_ready_change(self, backbone: str, ready_workers: int) -> None:
         """Health follows the workers once started: NOT_SERVING while any backbone has no ready worker."""
@@ -152,18 +106,17 @@ class FeatureBankServer:
         """Per backbone ("featurebank.v1.FeatureBank/NAME") and overall, from the pools' state now."""
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         async with self._health_lock:  # updates apply in order, each reading the latest state
-            ready = {
-                name: pool.ready_count > 0 and self._preprocessing_ready(name) for name, pool in self.pools.items()
-            }
+            ready = {name: n > 0 for name, n in self._ready_counts().items()}
             for name, ok in ready.items():
                 await self.health.set(f"{SERVICE_NAME}/{name}", serving if ok else not_serving)
             overall = serving if all(ready.values()) else not_serving
             await self.health.set("", overall)
             await self.health.set(SERVICE_NAME, overall)
 
-    def _preprocessing_ready(self, backbone: str) -> bool:
-        pre = self.preprocessing.get(backbone)
-        return pre is None or not pre.enabled or pre.ready_count > 0
+    def _ready_counts(self) -> dict[str, int]:
+        if self.engine is not None:
+            return self.engine.ready_counts()
+        return {name: self.engine_client.ready_count(name) for name in self.backbone_names}
 
     async def start(self) -> None:
         """Start everything (see _start_serving); a failed start stops the embedded cache again."""
@@ -185,18 +138,20 @@ class FeatureBankServer:
         c = self.config
         await self.heads.start()  # refuses a heads Redis that evicts, before workers take minutes to load
         metrics_addr = "127.0.0.1" if is_loopback(c.host) else "0.0.0.0"  # metrics follow the gRPC port
-        check_free("gRPC", c.host, c.port, "--port")  # before any worker is spawned for nothing
+        if self.engine is not None:  # a frontend's port is held by its supervisor (SO_REUSEPORT)
+            check_free("gRPC", c.host, c.port, "--port")  # before any worker is spawned for nothing
         if c.metrics_port > 0:
             check_free("metrics", metrics_addr, c.metrics_port, "--metrics-port")
         if self.embedded_cache is not None:  # before the workers: a failure costs no model loading
             self.embedded_cache.start()  # in the loop's (main) thread: valkey stops when that thread ends
             self._embedded_watch = asyncio.ensure_future(self.embedded_cache.supervise())
-        self._make_pools()
-        for pool in self.pools.values():
-            pool.spawn()  # workers load their backbones while the rest starts
+        if self.engine is not None:
+            self.engine.spawn()  # workers load their backbones while the rest starts
+        else:
+            self.engine_client.start()  # connects (and reconnects) to the engine process
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in self.pools:
+        for name in self.backbone_names:
             await self.health.set(f"{SERVICE_NAME}/{name}", health_pb2.HealthCheckResponse.NOT_SERVING)
         options = [
             # Requests are bounded to what the SDK sends (it splits under 3 MiB): gRPC itself answers
@@ -207,7 +162,8 @@ class FeatureBankServer:
             # Per client connection: further calls wait in the client (HTTP/2 flow control), so one
             # connection cannot take every slot of maximum_concurrent_rpcs.
             ("grpc.max_concurrent_streams", c.max_concurrent_streams),
-            ("grpc.so_reuseport", 0),
+            # Frontends of --frontends N share the port; one process alone must find it free.
+            ("grpc.so_reuseport", 0 if self.engine is not None else 1),
             ("grpc.keepalive_permit_without_calls", 1),
             # Long-lived clients reconnect every few minutes, so a scale-up behind a headless
             # Service gets traffic; in-flight RPCs (long ExtractStreams too) get an hour to finish.
@@ -270,26 +226,24 @@ class FeatureBankServer:
             heads_cache_bytes=c.heads_cache_bytes,
             max_text_bytes=c.max_text_bytes,
             shared_cache_backbones=[b for b in c.shared_cache_backbones.split(",") if b],
+            misses=self.engine.misses if self.engine is not None else self.engine_client,
         )
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(self.servicer, self.server)
         await self.server.start()
+        if self.engine_client is not None:
+            self._sampler = asyncio.ensure_future(self._sample_requests())
         self._write_port_file(ready=False)
-        try:
-            infos = await asyncio.gather(*(pool.wait_ready() for pool in self.pools.values()))
-            # Preprocessing processes need what the workers report (a model file's input shape).
-            await asyncio.gather(
-                *(pre.start(infos[list(self.pools).index(n)]) for n, pre in self.preprocessing.items())
-            )
-        except BaseException:
-            await self._close_pools()
-            raise
-        self.servicer.misses.preprocessing.update({n: pre for n, pre in self.preprocessing.items() if pre.enabled})
-        self.servicer.set_backbones(
-            {
-                name: ServedBackbone(info=info, batcher=self.batchers[name], pool=self.pools[name])
-                for name, info in zip(self.pools, infos)
+        if self.engine is not None:
+            ready = await self.engine.wait_ready()  # closes the pools if a backbone fails to load
+            served = {name: ServedBackbone(info=b.info, batcher=b.batcher, pool=b.pool) for name, b in ready.items()}
+        else:
+            remote = await self.engine_client.wait_ready()
+            served = {
+                name: ServedBackbone(info=info, batcher=None, pool=RemotePool(self.engine_client, name))
+                for name, info in remote.items()
             }
-        )
+        infos = [b.info for b in served.values()]
+        self.servicer.set_backbones(served)
         gc.freeze()  # start-up's objects leave the GC's view: shorter collections, fewer pauses in the p99 tail
         self._serving = True
         await self._update_health()
@@ -301,7 +255,8 @@ class FeatureBankServer:
                 ", ".join(l.name for l in info.layers),
             )
         logger.info(
-            "featurebank listening on %s:%d, metrics on :%d%s, cache %s%s",
+            "%s listening on %s:%d, metrics on :%d%s, cache %s%s",
+            "featurebank" if self.engine is not None else "frontend",  # a frontend's /metrics: the supervisor's
             c.host,
             self.port,
             self.metrics_port,
@@ -310,6 +265,19 @@ class FeatureBankServer:
             f" ({self.embedded_cache.url})" if self.embedded_cache is not None else "",
         )
         self._write_port_file(ready=True)
+
+    async def _sample_requests(self) -> None:
+        """A frontend's RPC count, as its own series (pid label) of featurebank_frontend_requests.
+
+        Sampled off the hot path: the interceptor already counts every RPC (featurebank_requests_total,
+        summed over the frontends); this says which process answered how many.
+        """
+        while True:
+            total = sum(
+                s.value for m in self.metrics.requests.collect() for s in m.samples if s.name.endswith("_total")
+            )
+            self.metrics.frontend_requests.set(total)
+            await asyncio.sleep(1.0)
 
     async def _start_health_server(self) -> None:
         """A plaintext port serving grpc.health.v1 alone (the same statuses as the gRPC port).
@@ -352,6 +320,8 @@ class FeatureBankServer:
         """Drain: NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period."""
         grace = self.config.grace_period_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
+        if self._sampler is not None:
+            self._sampler.cancel()
         if self.server is not None:
             await self.server.stop(grace)
         if self.health_server is not None:
@@ -365,16 +335,29 @@ class FeatureBankServer:
         self._stopped.set()
 
     async def _close_pools(self) -> None:
-        pools = [*self.preprocessing.values(), *self.pools.values()]
-        await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
+        if self.engine is not None:
+            await self.engine.close()
+        else:
+            await self.engine_client.close()
 
     async def wait_closed(self) -> None:
         await self._stopped.wait()
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM/SIGINT, then drain and return (the process exits 0)."""
-    server = FeatureBankServer(config)
+async def serve(config: ServerConfig, *, engine_socket: str = "", cache_url: str = "") -> int:
+    """Run until SIGTERM/SIGINT, then drain and return the exit code (0).
+
+    With ``--frontends N`` (N >= 2) this process is the supervisor of an engine process and N
+    frontend processes (supervisor.py); ``engine_socket`` makes it one of those frontends.
+    """
+    if not engine_socket and config.frontend_count > 1:
+        from featurebank.server.supervisor import Supervisor
+
+        code = await Supervisor(config).run()
+        # The last line: every process drained and gone.
+        logger.info("featurebank stopped" + ("" if code == 0 else " (exit %d)"), *([code] if code else []))
+        return code
+    server = FeatureBankServer(config, engine_socket=engine_socket, cache_url=cache_url)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task] = []
 
@@ -387,4 +370,6 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, _on_signal, sig)
     await server.start()
     await server.wait_closed()
-    logger.info("featurebank stopped")  # the last line: drained, workers and ports closed
+    # The last line: drained, workers and ports closed (a frontend's is "frontend stopped").
+    logger.info("frontend stopped" if engine_socket else "featurebank stopped")
+    return 0

@@ -185,6 +185,12 @@ class ServerConfig:
     max_connection_age_s: float = _field(300.0, "clients reconnect after this long, so new replicas get traffic")
     grace_period_s: float = _field(20.0, "on SIGTERM: how long in-flight requests may take to finish")
     warmup: bool = _field(True, "trace every batch shape before reporting ready")
+    frontends: str = _field(
+        "auto",
+        "gRPC frontend processes sharing the port (SO_REUSEPORT) in front of one engine process "
+        "(batchers, single-flight, workers); 1 = one process does everything; auto = half the "
+        "usable CPUs (cgroup-aware), at most 8, and 1 without a shared cache (--redis-url)",
+    )
     port_file: str = _field("", 'write {"port", "metrics_port"} as JSON here once serving (for tests and scripts)')
     log_level: str = _field("INFO", "logging level")
 
@@ -258,6 +264,13 @@ class ServerConfig:
         for name, ok, valid in checks:
             if not ok:
                 raise ValueError(f"invalid {name}={getattr(self, name)!r}: must be {valid}")
+        if self.frontends != "auto" and not (self.frontends.isdigit() and 1 <= int(self.frontends) <= 64):
+            raise ValueError(f"invalid frontends={self.frontends!r}: must be auto or 1..64")
+        if self.frontend_count > 1 and self.cache_kind == "memory":
+            raise ValueError(
+                f"invalid frontends={self.frontends}: several frontends need a shared cache; drop --cache memory "
+                "(the embedded cache is shared by the pod's processes) or give --redis-url"
+            )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("invalid tls_cert_file/tls_key_file: give both or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:
@@ -328,6 +341,20 @@ class ServerConfig:
         return specs
 
     @property
+    def frontend_count(self) -> int:
+        """--frontends as a number. auto: one frontend per two usable CPUs (the other half is left to
+        the engine, its workers and the hashing threads), at most 8 (past that the engine's one event
+        loop feeding the misses is the limit), at least 1: a 2-core box stays single-process.
+        With --cache memory, auto is 1 (an in-process cache cannot be shared)."""
+        if self.frontends != "auto":
+            return int(self.frontends)
+        if self.cache_kind == "memory":
+            return 1
+        from featurebank.common.cpus import usable_cpus
+
+        return default_frontends(usable_cpus())
+
+    @property
     def num_workers(self) -> int:
         return self.workers or len(self.gpu_list)
 
@@ -339,6 +366,11 @@ class ServerConfig:
         from featurebank.common.cpus import usable_cpus
 
         return usable_cpus()
+
+
+def default_frontends(cpus: int) -> int:
+    """--frontends auto for this many usable CPUs: half of them, between 1 and 8."""
+    return max(1, min(8, cpus // 2))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,11 +18,11 @@ def run(cfg: config.ServerConfig) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("FEATUREBANK_LOG_LEVEL", cfg.log_level.upper())
     try:
-        asyncio.run(app.serve(cfg))
+        code = asyncio.run(app.serve(cfg))
     except (PortInUseError, EmbeddedCacheError) as e:
         print(f"featurebank serve: {e}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0  # 1 when --frontends N gave up on an engine that kept dying
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,6 +121,7 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         head_limits: HeadLimits | None = None,
         heads_cache_bytes: int = 256 << 20,
         max_text_bytes: int = 64 * 1024,
+        misses: Any = None,
     ):
         self.cache = cache
         self.max_text_bytes = max_text_bytes  # largest text input in UTF-8 bytes, checked before tokenizing
@@ -138,8 +139,11 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         self.head_limits = head_limits if head_limits is not None else HeadLimits()
         self._compiled_heads = CompiledHeadCache(heads_cache_bytes)
         self._head_threads: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first head RPC
-        # Single-flight: one owner task per cache key in flight, shared by every request.
-        self.misses = MissPath(cache, metrics, storage_dtype=storage_dtype, claim_ttl_ms=claim_ttl_ms)
+        # Single-flight: one owner task per cache key in flight, shared by every request. ``misses``:
+        # the engine's MissPath (in-process) or an EngineClient (a frontend of --frontends N).
+        if misses is None:
+            misses = MissPath(cache, metrics, storage_dtype=storage_dtype, claim_ttl_ms=claim_ttl_ms)
+        self.misses = misses
         self.inflight = self.misses.flights
         self.recent = self.misses.recent  # computed a moment ago: see MissPath.recent
         self.default_for_kind: dict[str, str] = {}
