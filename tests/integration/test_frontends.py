@@ -203,10 +203,10 @@ def test_engine_failing_to_start_stops_the_pod(redis_server):
 
 
 def test_frontends_mistakes_are_one_line():
-    """--frontends 2 without a shared cache exits 2, and on a port in use exits 1, each in one stderr line naming the flag."""
+    """--frontends 2 with --cache memory (unshareable) exits 2, and on a port in use exits 1, each in one stderr line naming the flag."""
     serve = [sys.executable, "-m", "featurebank.server", "--backbone", "toy", "--metrics-port", "-1"]
-    r = subprocess.run([*serve, "--frontends", "2"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--redis-url" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = subprocess.run([*serve, "--frontends", "2", "--cache", "memory"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--cache memory" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -241,3 +241,24 @@ def test_pod_survives_a_killed_engine(start_server, redis_server):
     assert f"the engine (pid {engine}) died (exit -9 (SIGKILL" in s.log()
     response = _extract(s.target, random_images(1, seed=16)[0])
     assert not response.results[0].cache_hit and not response.results[0].HasField("error")
+
+
+def test_frontends_share_the_pods_embedded_cache_and_it_stops_with_the_pod(start_server, tmp_path):
+    """With the default embedded cache, --frontends 2 starts one valkey for the pod: what the engine wrote is a hit in
+    every frontend, the features survive a restart of the pod, and SIGTERM leaves no valkey behind."""
+    data_dir = tmp_path / "data"
+    env = {"FEATUREBANK_DATA_DIR": str(data_dir)}
+    images = random_images(6, seed=23)
+    s = start_server("--backbone", "toy", "--frontends", "2", env=env)
+    first = [_extract(s.target, im) for im in images]
+    assert not any(r.results[0].cache_hit for r in first)
+    again = [_extract(s.target, im) for im in images]  # new connections: both frontends, by the kernel's hash
+    assert all(r.results[0].cache_hit for r in again)
+    valkey_pid = int((data_dir / "valkey.pid").read_text())
+    assert _alive(valkey_pid)
+    assert s.terminate() == 0
+    wait_until(lambda: not _alive(valkey_pid), 30, "the pod's valkey to stop")
+    s2 = start_server("--backbone", "toy", "--frontends", "2", env=env)
+    after = [_extract(s2.target, im) for im in images]
+    assert all(r.results[0].cache_hit for r in after)
+    assert [r.results[0].features.data for r in after] == [r.results[0].features.data for r in first]

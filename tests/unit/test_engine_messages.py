@@ -50,10 +50,11 @@ def test_errors_cross_as_the_same_domain_exceptions():
 
 
 def test_config_refuses_frontends_without_a_shared_cache():
-    """--frontends 2 with the in-process LRU is refused with one line naming --redis-url."""
-    with pytest.raises(ValueError, match="need a shared cache; give --redis-url"):
-        ServerConfig(backbone=["toy"], frontends="2")
-    assert ServerConfig(backbone=["toy"]).frontend_count == 1  # auto without a shared cache
+    """--frontends 2 with --cache memory (in-process, unshareable) is refused with one line; the embedded cache and --redis-url are shared."""
+    with pytest.raises(ValueError, match="need a shared cache; drop --cache memory"):
+        ServerConfig(backbone=["toy"], frontends="2", cache="memory")
+    assert ServerConfig(backbone=["toy"], cache="memory").frontend_count == 1  # auto without a shared cache
+    assert ServerConfig(backbone=["toy"], frontends="2").frontend_count == 2  # the embedded cache is the pod's
     assert dataclasses.replace(ServerConfig(backbone=["toy"]), redis_url="redis://x", frontends="3").frontend_count == 3
 
 
