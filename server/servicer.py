@@ -144,6 +144,9 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         self.inflight = self.misses.flights
         self.recent = self.misses.recent  # computed a moment ago: see MissPath.recent
         self.default_for_kind: dict[str, str] = {}
+        # Metric children by labels: ``.labels()`` takes a lock and builds a tuple per call.
+        self._item_counters: dict[tuple[str, str, str], Any] = {}
+        self._not_found_counters: dict[tuple[str, str], Any] = {}
         self.set_backbones(backbones)
 
     def set_backbones(self, backbones: dict[str, ServedBackbone]) -> None:
@@ -423,8 +426,16 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             counts["error" if r.HasField("error") else "hit" if r.cache_hit else "miss"] += 1
         for result_kind, c in counts.items():
             if c:
-                self.metrics.items.labels(name, layer, result_kind).inc(c)
+                self._count_items(name, layer, result_kind, c)
         return response
+
+    def _count_items(self, backbone: str, layer: str, result: str, n: int) -> None:
+        """``featurebank_items_total{backbone,layer,result} += n`` through a kept child."""
+        key = (backbone, layer, result)
+        child = self._item_counters.get(key)
+        if child is None:
+            child = self._item_counters[key] = self.metrics.items.labels(backbone, layer, result)
+        child.inc(n)
 
     async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.ExtractResponse:
         n = len(request.keys)
@@ -473,9 +484,13 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             except codec.CorruptValueError:
                 _set_error(results[i], grpc.StatusCode.NOT_FOUND, "not in the cache: send the input to Extract")
         if hits:
-            self.metrics.items.labels(served.info.name, layer, "hit").inc(hits)
+            self._count_items(served.info.name, layer, "hit", hits)
         if len(valid) > hits:
-            self.metrics.lookup_not_found.labels(served.info.name, layer).inc(len(valid) - hits)
+            key = (served.info.name, layer)
+            child = self._not_found_counters.get(key)
+            if child is None:
+                child = self._not_found_counters[key] = self.metrics.lookup_not_found.labels(*key)
+            child.inc(len(valid) - hits)
         return response
 
     async def ListBackbones(self, request: pb.ListBackbonesRequest, context) -> pb.ListBackbonesResponse:
