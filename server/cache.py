@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from featurebank.server.coalesce import Coalescer
 from featurebank.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ class RedisCache(FeatureCache):
         self._outage = False
         self._token = os.urandom(8).hex()  # this process, in its claims' tokens
         self._claims_made = 0
+        self._reads = Coalescer(self._mget_batch)
 
     @property
     def cluster(self) -> bool:
@@ -227,11 +229,30 @@ class RedisCache(FeatureCache):
             return []
         if not self._available():
             return [None] * len(keys)
+        # Reads of one event-loop turn (concurrent requests' hits) share one MGET: one command to
+        # pack, send and parse and one wake-up for all of them, instead of one each.
+        return await self._reads(keys)
+
+    async def _mget_batch(self, key_lists: Sequence[Sequence[str]]) -> list[list[bytes | None]]:
+        """One MGET for the key lists of one loop turn's ``get_many`` calls, split back per call."""
+        if len(key_lists) == 1:
+            unique = list(key_lists[0])
+        else:
+            unique = list(dict.fromkeys(k for keys in key_lists for k in keys))
+        values = await self._mget(unique)
+        if len(key_lists) == 1:
+            return [values]
+        by_key = dict(zip(unique, values))
+        return [[by_key[k] for k in keys] for keys in key_lists]
+
+    async def _mget(self, keys: list[str]) -> list[bytes | None]:
+        if not self._available():
+            return [None] * len(keys)
         try:
             client = self._redis()
             # A cluster's MGET must stay within one slot: redis-py splits it per slot and
             # sends the parts concurrently, one round trip per node touched.
-            read = client.mget_nonatomic(list(keys)) if self.cluster else client.mget(list(keys))
+            read = client.mget_nonatomic(keys) if self.cluster else client.mget(keys)
             # asyncio.timeout rather than wait_for: no extra task (and loop turns) per call.
             async with asyncio.timeout(self.timeout_s):
                 values = await read
