@@ -191,14 +191,17 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             namespace=self._namespace(served.info.name),
         )
 
-    def _cache_keys(self, served: ServedBackbone, layer: str, content_keys) -> list[str]:
-        """``_cache_key`` of each content key, resolving the caller's namespace once."""
+    def _cache_keys(
+        self, served: ServedBackbone, layer: str, ckeys, key_version: int = content_keys.KEY_VERSION
+    ) -> list[str]:
+        """``_cache_key`` of each content key (of ``key_version``), resolving the caller's namespace once."""
         return cache_keys(
-            content_keys,
+            ckeys,
             fingerprint=served.info.fingerprint,
             layer=layer,
             storage_dtype=self._storage_dtype_name,
             namespace=self._namespace(served.info.name),
+            key_version=key_version,
         )
 
     def _namespace(self, backbone: str) -> str:
@@ -450,6 +453,10 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             raise InvalidArgumentError("output_dtype must be FLOAT32 or FLOAT16")
         if not request.backbone:
             raise InvalidArgumentError("Lookup needs a backbone name")
+        if request.key_version and request.key_version not in content_keys.KEY_VERSIONS:
+            raise InvalidArgumentError(
+                f"key_version {request.key_version} is not one of {content_keys.KEY_VERSIONS} (0: either)"
+            )
         served, layer = self._resolve(request.backbone, request.layer, None)
         async with items_in_flight(n):
             return await self._lookup(request, served, layer, out_dtype)
@@ -469,7 +476,17 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{request.keys[i][:64]!r} is not a content key (32 lowercase hex characters)",
             )
-        values = await self.cache.get_many(self._cache_keys(served, layer, [request.keys[i] for i in valid]))
+        asked = [request.keys[i] for i in valid]
+        version = request.key_version or content_keys.KEY_VERSION
+        values = await self.cache.get_many(self._cache_keys(served, layer, asked, version))
+        if not request.key_version and None in values:
+            # An SDK from before key versions computed these keys with BLAKE2b (version 1): what
+            # was not found as version 2 is looked up as version 1, in one more round trip for the
+            # absent ones only (a hit as version 2 costs nothing more).
+            absent = [j for j, v in enumerate(values) if v is None]
+            old = await self.cache.get_many(self._cache_keys(served, layer, [asked[j] for j in absent], 1))
+            for j, v in zip(absent, old):
+                values[j] = v
         want = _OUTPUT_TENSOR_DTYPES[request.output_dtype]
         hits = 0
         for i, value in zip(valid, values):
