@@ -6,6 +6,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -122,9 +123,13 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         head_limits: HeadLimits | None = None,
         heads_cache_bytes: int = 256 << 20,
         max_text_bytes: int = 64 * 1024,
+        read_key_version_1: bool = True,
     ):
         self.cache = cache
         self.max_text_bytes = max_text_bytes  # largest text input in UTF-8 bytes, checked before tokenizing
+        # Extract misses are also looked up under their BLAKE2b (version 1) keys: entries cached
+        # before content-key versions stay readable (off once those entries' TTL has passed).
+        self.read_key_version_1 = read_key_version_1
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
         self._storage_dtype_name = self.storage_dtype.name  # a numpy property: not per key
@@ -353,10 +358,12 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         ckeys = await self._content_keys(jobs)
         todo: dict[str, list[int]] = {}  # cache key -> item indices (identical inputs share one)
         payloads: dict[str, InputItem] = {}
-        for (i, payload), ckey, key in zip(parsed, ckeys, self._cache_keys(served, layer, ckeys)):
+        job_of: dict[str, tuple] = {}  # cache key -> its key job (for the version-1 read of misses)
+        for (i, payload), job, ckey, key in zip(parsed, jobs, ckeys, self._cache_keys(served, layer, ckeys)):
             results[i].key = ckey
             todo.setdefault(key, []).append(i)
             payloads[key] = payload
+            job_of[key] = job
 
         # 2. one cache round trip for all of them
         features: dict[str, np.ndarray] = {}
@@ -377,6 +384,10 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
                 # Finished a moment ago by another request whose cache write raced our read.
                 if key not in cached and key not in corrupt and key in self.recent:
                     features[key] = self.recent[key]
+            if self.read_key_version_1:
+                absent = [k for k in todo if k not in cached and k not in corrupt and k not in features]
+                if absent:
+                    await self._read_version_1(served, layer, absent, job_of, cached)
         for hits in (cached, features):
             for key in hits:
                 for i in todo[key]:
@@ -431,6 +442,28 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             if c:
                 self._count_items(name, layer, result_kind, c)
         return response
+
+    async def _read_version_1(
+        self, served: ServedBackbone, layer: str, absent: list[str], job_of: dict, cached: dict
+    ) -> None:
+        """Entries written before content-key versions (BLAKE2b keys, version 1) stay readable: the
+        inputs not found under their version-2 key are hashed the old way and read again, in one
+        round trip for all of them. A hit is answered and copied under its version-2 key, so the
+        next read of it is one round trip. Only misses pay for this, and a miss is about to be
+        computed by a model anyway."""
+        jobs = [(functools.partial(job_of[k][0], version=1), job_of[k][1]) for k in absent]
+        old_keys = self._cache_keys(served, layer, await self._content_keys(jobs), 1)
+        copies = []
+        for key, value in zip(absent, await self.cache.get_many(old_keys)):
+            if value is None:
+                continue
+            try:
+                cached[key] = (value, codec.check(value))
+            except codec.CorruptValueError:
+                continue  # recomputed like any miss, and written under its version-2 key
+            copies.append((key, value))
+        if copies:
+            await self.cache.set_many(copies)
 
     def _count_items(self, backbone: str, layer: str, result: str, n: int) -> None:
         """``featurebank_items_total{backbone,layer,result} += n`` through a kept child."""

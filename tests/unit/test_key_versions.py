@@ -119,3 +119,15 @@ def test_the_sdks_keys_first_lookup_says_its_key_version():
     plan = planning.lookup_hits([pb.Input(image=b"q")], [None], backbone="b", layer="", output_dtype=pb.FLOAT32)
     call = next(plan)
     assert call.request.key_version == 2 and list(call.request.keys) == [content_key(b"q")]
+
+
+def test_extract_answers_an_entry_an_old_server_wrote_and_moves_it_to_version_2(app):
+    """An input cached before key versions (under its BLAKE2b key) is an Extract hit, with its
+    features, and is copied under its version-2 key (the next read is one round trip)."""
+    _store(app, b"old", [4, 3, 2, 1], version=1)
+    request = pb.ExtractRequest(inputs=[pb.Input(image=b"old")])
+    (r,) = asyncio.run(asyncio.wait_for(app.extract(request, None), 10)).results  # no worker: a miss would hang
+    assert r.cache_hit and _features(r) == [4, 3, 2, 1] and r.key == content_key(b"old")
+    v2 = app._cache_key(app.backbones["b"], "pooled", content_key(b"old"))
+    (value,) = asyncio.run(app.cache.get_many([v2]))
+    assert codec.decode(value).tolist() == [4, 3, 2, 1]
