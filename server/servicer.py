@@ -49,7 +49,8 @@ _STORED_TENSOR_DTYPES = {code: tensors.NUMPY_TO_DTYPE[name] for code, name in co
 # Which Input payloads each backbone input kind accepts (an image backbone takes raw pixel tensors).
 _ACCEPTS = {"image": ("image", "tensor"), "text": ("text",), "tensor": ("tensor",)}
 # A request carrying more than this much input is hashed in threads, beside the event loop
-# (hashlib releases the GIL above 2 KiB; a 100 KB image is ~0.13 ms of BLAKE2b). Below it, the
+# (hashlib and blake3 release the GIL on large inputs; a 100 KB image was ~0.13 ms of BLAKE2b,
+# is ~0.03 ms of BLAKE3). Below it, the
 # hand-off and the extra loop wake-ups cost more than hashing inline: single-image requests
 # hashed in a thread ran ~25 % fewer hits/s in the benchmark.
 HASH_OFFLOAD_BYTES = 64 * 1024  # inputs this large go to the threads...
