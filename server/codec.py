@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import NamedTuple
 
 import numpy as np
+
+try:  # ISA-L's CRC-32 is zlib's, bit for bit, ~3x faster (SIMD): it runs over every hit's bytes
+    from isal.isal_zlib import crc32
+except ImportError:  # no isal wheel for this platform: the same checksum, slower
+    from zlib import crc32
 
 MAGIC = b"FB"
 FORMAT_VERSION = 1
@@ -35,7 +39,7 @@ def encode(features: np.ndarray) -> bytes:
     data = np.asarray(a, dtype=_DTYPES[code]).tobytes(order="C")
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, code, a.ndim) + struct.pack(f"<{a.ndim}I", *a.shape)
     # The checksum covers the header too: a flipped dtype, ndim or shape byte is caught as well.
-    return b"".join((head, struct.pack("<I", zlib.crc32(data, zlib.crc32(head))), data))
+    return b"".join((head, struct.pack("<I", crc32(data, crc32(head))), data))
 
 
 class Header(NamedTuple):
@@ -75,7 +79,7 @@ def check(value: bytes) -> Header:
     if len(value) - offset != n:
         raise CorruptValueError(f"value holds {len(value) - offset} data bytes, shape {shape} needs {n}")
     view = memoryview(value)
-    if zlib.crc32(view[offset:], zlib.crc32(view[: offset - 4])) != crc:
+    if crc32(view[offset:], crc32(view[: offset - 4])) != crc:
         raise CorruptValueError("checksum mismatch")
     return Header(code, shape, offset)
 
