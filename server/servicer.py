@@ -99,7 +99,7 @@ def _cached_to_proto(value: bytes, header: codec.Header, want: int, out_dtype: n
     """
     if _STORED_TENSOR_DTYPES[header.code] == want:
         out.dtype = want
-        out.shape[:] = header.shape
+        out.shape.extend(header.shape)  # ``out`` is a fresh Tensor: extend, not a slice assignment
         out.data = bytes(value[header.offset :])  # bytes(...) of a bytes slice is that slice: one copy
     else:
         tensors.to_proto(codec.to_array(value, header).astype(out_dtype, copy=False), out)
@@ -503,8 +503,9 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             backbone_fingerprint=served.info.fingerprint, backbone=served.info.name, layer=layer
         )
         results = [response.results.add(key=k) for k in request.keys]
-        valid = [i for i, k in enumerate(request.keys) if _CONTENT_KEY.match(k)]
-        for i in set(range(n)) - set(valid):
+        keys = request.keys
+        valid = [i for i, k in enumerate(keys) if _CONTENT_KEY.match(k)]
+        for i in () if len(valid) == n else sorted(set(range(n)) - set(valid)):
             _set_error(
                 results[i],
                 grpc.StatusCode.INVALID_ARGUMENT,
