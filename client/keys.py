@@ -11,24 +11,35 @@ from typing import Union
 
 import numpy as np
 
-from featurebank.common.keys import image_key, input_key, tensor_key, text_key
+from featurebank.common.keys import KEY_VERSION, KEY_VERSIONS, image_key, input_key, tensor_key, text_key
 from featurebank.v1 import featurebank_pb2 as pb
 
-__all__ = ["InputLike", "content_key", "image_key", "input_key", "tensor_key", "text_key"]
+__all__ = [
+    "KEY_VERSION",
+    "KEY_VERSIONS",
+    "InputLike",
+    "content_key",
+    "image_key",
+    "input_key",
+    "tensor_key",
+    "text_key",
+]
 
 InputLike = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", np.ndarray, pb.Input]
 
 
-def content_key(item: InputLike) -> str:
+def content_key(item: InputLike, version: int = KEY_VERSION) -> str:
     """The content key the server will report for this input, computed locally.
 
     Args:
         item: encoded image ``bytes``, a file path (``pathlib.Path``; its bytes are an image),
             text ``str``, a numpy array (a tensor), or an ``Input`` message.
+        version: the key version (``KEY_VERSION``, BLAKE3; 1 for the BLAKE2b keys of servers and
+            SDKs before key versions).
 
     Returns:
-        32 lowercase hex characters (BLAKE2b, 16-byte digest).
+        32 lowercase hex characters (a 16-byte digest).
     """
     from featurebank.client.inputs import to_input
 
-    return input_key(to_input(item))
+    return input_key(to_input(item), version)

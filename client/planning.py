@@ -16,7 +16,7 @@ import grpc
 
 from featurebank.client.errors import FeatureBankError
 from featurebank.client.inputs import to_input
-from featurebank.client.keys import input_key
+from featurebank.client.keys import KEY_VERSION, input_key
 from featurebank.client.results import ItemOutcome, Prediction, head_info, outcomes, prediction
 from featurebank.common import tensors
 from featurebank.v1 import featurebank_pb2 as pb
@@ -135,7 +135,10 @@ def lookup_hits(
         chunk = keys[start : start + LOOKUP_CHUNK]
         try:
             response = yield Call(
-                "Lookup", pb.LookupRequest(backbone=backbone, layer=layer, keys=chunk, output_dtype=output_dtype)
+                "Lookup",
+                pb.LookupRequest(
+                    backbone=backbone, layer=layer, keys=chunk, output_dtype=output_dtype, key_version=KEY_VERSION
+                ),
             )
         except FeatureBankError as e:
             if e.code not in LOOKUP_FALLBACK_CODES:

@@ -53,6 +53,10 @@ class FeatureCache(abc.ABC):
         return None
 
 
+# Reads out at once per cache before further ones wait and are gathered into one MGET: enough to
+# overlap two round trips, few enough that a loaded server sends many keys per command.
+READS_IN_FLIGHT = 2
+
 CLAIM_PREFIX = "fb1claim:"
 CLAIM_HELD, CLAIM_TAKEN, CLAIM_CACHED = 0, 1, 2  # what claim_many answers per key
 
@@ -191,6 +195,9 @@ class RedisCache(FeatureCache):
         self._outage = False
         self._token = os.urandom(8).hex()  # this process, in its claims' tokens
         self._claims_made = 0
+        self._reads_in_flight = 0  # MGETs out now
+        self._waiting: list[tuple[Sequence[str], asyncio.Future]] = []  # reads to send when one is back
+        self._batches: set[asyncio.Task] = set()
 
     @property
     def cluster(self) -> bool:
@@ -230,11 +237,68 @@ class RedisCache(FeatureCache):
             return []
         if not self._available():
             return [None] * len(keys)
+        if self._reads_in_flight < READS_IN_FLIGHT and not self._waiting:
+            # Redis is keeping up: this read goes at once, with no task or future of its own.
+            self._reads_in_flight += 1
+            try:
+                return await self._mget(list(keys))
+            finally:
+                self._reads_in_flight -= 1
+                self._send_waiting()
+        # READS_IN_FLIGHT round trips are out: wait for one to come back and go with every other
+        # read that waited meanwhile, in one MGET. Under load requests arrive one per event-loop
+        # turn (grpc.aio starts each RPC in its own turn: coalescing one turn's reads measured 1.02
+        # RPCs per MGET), so reads are gathered while earlier ones are out instead.
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((keys, future))
+        return await future
+
+    def _send_waiting(self) -> None:
+        """Send every waiting read in one MGET, if a round trip is free."""
+        if not self._waiting or self._reads_in_flight >= READS_IN_FLIGHT:
+            return
+        batch, self._waiting = self._waiting, []
+        self._reads_in_flight += 1
+        task = asyncio.ensure_future(self._run_waiting(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_waiting(self, batch: list[tuple[Sequence[str], asyncio.Future]]) -> None:
+        try:
+            live = [(keys, f) for keys, f in batch if not f.done()]  # a caller that left costs nothing
+            if not live:
+                return
+            try:
+                answers = await self._mget_batch([keys for keys, _ in live])
+            except Exception as e:  # a bug (see _is_bug): every caller of the batch raises it
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(e)
+                        f.exception()  # retrieved: its caller may have left
+                return
+            for (_, f), values in zip(live, answers):
+                if not f.done():
+                    f.set_result(values)
+        finally:
+            self._reads_in_flight -= 1
+            self._send_waiting()
+
+    async def _mget_batch(self, key_lists: Sequence[Sequence[str]]) -> list[list[bytes | None]]:
+        """One MGET for the key lists of several ``get_many`` calls, split back per call."""
+        if len(key_lists) == 1:
+            return [await self._mget(list(key_lists[0]))]
+        unique = list(dict.fromkeys(k for keys in key_lists for k in keys))
+        by_key = dict(zip(unique, await self._mget(unique)))
+        return [[by_key[k] for k in keys] for keys in key_lists]
+
+    async def _mget(self, keys: list[str]) -> list[bytes | None]:
+        if not self._available():
+            return [None] * len(keys)
         try:
             client = self._redis()
             # A cluster's MGET must stay within one slot: redis-py splits it per slot and
             # sends the parts concurrently, one round trip per node touched.
-            read = client.mget_nonatomic(list(keys)) if self.cluster else client.mget(list(keys))
+            read = client.mget_nonatomic(keys) if self.cluster else client.mget(keys)
             # asyncio.timeout rather than wait_for: no extra task (and loop turns) per call.
             async with asyncio.timeout(self.timeout_s):
                 values = await read

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import NamedTuple
 
 import numpy as np
+
+try:  # ISA-L's CRC-32 is zlib's, bit for bit, ~3x faster (SIMD): it runs over every hit's bytes
+    from isal.isal_zlib import crc32
+except ImportError:  # no isal wheel for this platform: the same checksum, slower
+    from zlib import crc32
 
 MAGIC = b"FB"
 FORMAT_VERSION = 1
@@ -16,6 +20,8 @@ _CODES: dict[str, int] = {v.name: k for k, v in _DTYPES.items()}
 # The stored dtype's name by header code, for callers that must not touch numpy per value.
 DTYPE_NAMES: dict[int, str] = {k: v.name for k, v in _DTYPES.items()}
 MAX_NDIM = 8
+_ITEMSIZES: dict[int, int] = {k: v.itemsize for k, v in _DTYPES.items()}
+_TAILS = [struct.Struct(f"<{n}II") for n in range(MAX_NDIM + 1)]  # after the head: shape, crc32
 
 
 class CorruptValueError(ValueError):
@@ -33,7 +39,7 @@ def encode(features: np.ndarray) -> bytes:
     data = np.asarray(a, dtype=_DTYPES[code]).tobytes(order="C")
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, code, a.ndim) + struct.pack(f"<{a.ndim}I", *a.shape)
     # The checksum covers the header too: a flipped dtype, ndim or shape byte is caught as well.
-    return b"".join((head, struct.pack("<I", zlib.crc32(data, zlib.crc32(head))), data))
+    return b"".join((head, struct.pack("<I", crc32(data, crc32(head))), data))
 
 
 class Header(NamedTuple):
@@ -58,25 +64,22 @@ def check(value: bytes) -> Header:
     magic, version, code, ndim = _HEAD.unpack_from(value)
     if magic != MAGIC or version != FORMAT_VERSION:
         raise CorruptValueError(f"unknown value format {magic!r} v{version}")
-    dtype = _DTYPES.get(code)
-    if dtype is None or ndim > MAX_NDIM:
+    itemsize = _ITEMSIZES.get(code)
+    if itemsize is None or ndim > MAX_NDIM:
         raise CorruptValueError(f"bad header: dtype code {code}, ndim {ndim}")
-    offset = _HEAD.size
-    if len(value) < offset + 4 * ndim + 4:
+    tail = _TAILS[ndim]  # shape and checksum in one precompiled unpack: this runs once per hit
+    offset = _HEAD.size + tail.size
+    if len(value) < offset:
         raise CorruptValueError("value truncated inside its header")
-    shape = struct.unpack_from(f"<{ndim}I", value, offset)
-    offset += 4 * ndim
-    (crc,) = struct.unpack_from("<I", value, offset)
-    offset += 4
-    n = 1
+    fields = tail.unpack_from(value, _HEAD.size)
+    shape, crc = fields[:-1], fields[-1]
+    n = itemsize
     for d in shape:
         n *= d
-    if len(value) - offset != n * dtype.itemsize:
-        raise CorruptValueError(
-            f"value holds {len(value) - offset} data bytes, shape {shape} needs {n * dtype.itemsize}"
-        )
+    if len(value) - offset != n:
+        raise CorruptValueError(f"value holds {len(value) - offset} data bytes, shape {shape} needs {n}")
     view = memoryview(value)
-    if zlib.crc32(view[offset:], zlib.crc32(view[: offset - 4])) != crc:
+    if crc32(view[offset:], crc32(view[: offset - 4])) != crc:
         raise CorruptValueError("checksum mismatch")
     return Header(code, shape, offset)
 

@@ -227,6 +227,7 @@ class FeatureBankServer:
             max_text_bytes=c.max_text_bytes,
             shared_cache_backbones=[b for b in c.shared_cache_backbones.split(",") if b],
             misses=self.engine.misses if self.engine is not None else self.engine_client,
+            read_key_version_1=c.read_key_version_1,
         )
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(self.servicer, self.server)
         await self.server.start()

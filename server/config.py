@@ -185,6 +185,12 @@ class ServerConfig:
     max_connection_age_s: float = _field(300.0, "clients reconnect after this long, so new replicas get traffic")
     grace_period_s: float = _field(20.0, "on SIGTERM: how long in-flight requests may take to finish")
     warmup: bool = _field(True, "trace every batch shape before reporting ready")
+    read_key_version_1: bool = _field(
+        True,
+        "Extract misses are also read under their version-1 (BLAKE2b) content keys, so features cached before "
+        "key version 2 are still hits (one more hash and round trip per miss); --no-read-key-version-1 once "
+        "--cache-ttl-seconds has passed since the upgrade",
+    )
     frontends: str = _field(
         "auto",
         "gRPC frontend processes sharing the port (SO_REUSEPORT) in front of one engine process "

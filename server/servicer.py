@@ -6,6 +6,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -47,7 +48,8 @@ _STORED_TENSOR_DTYPES = {code: tensors.NUMPY_TO_DTYPE[name] for code, name in co
 # Which Input payloads each backbone input kind accepts (an image backbone takes raw pixel tensors).
 _ACCEPTS = {"image": ("image", "tensor"), "text": ("text",), "tensor": ("tensor",)}
 # A request carrying more than this much input is hashed in threads, beside the event loop
-# (hashlib releases the GIL above 2 KiB; a 100 KB image is ~0.13 ms of BLAKE2b). Below it, the
+# (hashlib and blake3 release the GIL on large inputs; a 100 KB image was ~0.13 ms of BLAKE2b,
+# is ~0.03 ms of BLAKE3). Below it, the
 # hand-off and the extra loop wake-ups cost more than hashing inline: single-image requests
 # hashed in a thread ran ~25 % fewer hits/s in the benchmark.
 HASH_OFFLOAD_BYTES = 64 * 1024  # inputs this large go to the threads...
@@ -96,7 +98,7 @@ def _cached_to_proto(value: bytes, header: codec.Header, want: int, out_dtype: n
     """
     if _STORED_TENSOR_DTYPES[header.code] == want:
         out.dtype = want
-        out.shape[:] = header.shape
+        out.shape.extend(header.shape)  # ``out`` is a fresh Tensor: extend, not a slice assignment
         out.data = bytes(value[header.offset :])  # bytes(...) of a bytes slice is that slice: one copy
     else:
         tensors.to_proto(codec.to_array(value, header).astype(out_dtype, copy=False), out)
@@ -122,9 +124,13 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         heads_cache_bytes: int = 256 << 20,
         max_text_bytes: int = 64 * 1024,
         misses: Any = None,
+        read_key_version_1: bool = True,
     ):
         self.cache = cache
         self.max_text_bytes = max_text_bytes  # largest text input in UTF-8 bytes, checked before tokenizing
+        # Extract misses are also looked up under their BLAKE2b (version 1) keys: entries cached
+        # before content-key versions stay readable (off once those entries' TTL has passed).
+        self.read_key_version_1 = read_key_version_1
         self.metrics = metrics
         self.storage_dtype = np.dtype(storage_dtype)
         self._storage_dtype_name = self.storage_dtype.name  # a numpy property: not per key
@@ -147,6 +153,9 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         self.inflight = self.misses.flights
         self.recent = self.misses.recent  # computed a moment ago: see MissPath.recent
         self.default_for_kind: dict[str, str] = {}
+        # Metric children by labels: ``.labels()`` takes a lock and builds a tuple per call.
+        self._item_counters: dict[tuple[str, str, str], Any] = {}
+        self._not_found_counters: dict[tuple[str, str], Any] = {}
         self.set_backbones(backbones)
 
     def set_backbones(self, backbones: dict[str, ServedBackbone]) -> None:
@@ -191,14 +200,17 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             namespace=self._namespace(served.info.name),
         )
 
-    def _cache_keys(self, served: ServedBackbone, layer: str, content_keys) -> list[str]:
-        """``_cache_key`` of each content key, resolving the caller's namespace once."""
+    def _cache_keys(
+        self, served: ServedBackbone, layer: str, ckeys, key_version: int = content_keys.KEY_VERSION
+    ) -> list[str]:
+        """``_cache_key`` of each content key (of ``key_version``), resolving the caller's namespace once."""
         return cache_keys(
-            content_keys,
+            ckeys,
             fingerprint=served.info.fingerprint,
             layer=layer,
             storage_dtype=self._storage_dtype_name,
             namespace=self._namespace(served.info.name),
+            key_version=key_version,
         )
 
     def _namespace(self, backbone: str) -> str:
@@ -350,10 +362,12 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         ckeys = await self._content_keys(jobs)
         todo: dict[str, list[int]] = {}  # cache key -> item indices (identical inputs share one)
         payloads: dict[str, InputItem] = {}
-        for (i, payload), ckey, key in zip(parsed, ckeys, self._cache_keys(served, layer, ckeys)):
+        job_of: dict[str, tuple] = {}  # cache key -> its key job (for the version-1 read of misses)
+        for (i, payload), job, ckey, key in zip(parsed, jobs, ckeys, self._cache_keys(served, layer, ckeys)):
             results[i].key = ckey
             todo.setdefault(key, []).append(i)
             payloads[key] = payload
+            job_of[key] = job
 
         # 2. one cache round trip for all of them
         features: dict[str, np.ndarray] = {}
@@ -374,6 +388,10 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
                 # Finished a moment ago by another request whose cache write raced our read.
                 if key not in cached and key not in corrupt and key in self.recent:
                     features[key] = self.recent[key]
+            if self.read_key_version_1:
+                absent = [k for k in todo if k not in cached and k not in corrupt and k not in features]
+                if absent:
+                    await self._read_version_1(served, layer, absent, job_of, cached)
         for hits in (cached, features):
             for key in hits:
                 for i in todo[key]:
@@ -426,8 +444,38 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             counts["error" if r.HasField("error") else "hit" if r.cache_hit else "miss"] += 1
         for result_kind, c in counts.items():
             if c:
-                self.metrics.items.labels(name, layer, result_kind).inc(c)
+                self._count_items(name, layer, result_kind, c)
         return response
+
+    async def _read_version_1(
+        self, served: ServedBackbone, layer: str, absent: list[str], job_of: dict, cached: dict
+    ) -> None:
+        """Entries written before content-key versions (BLAKE2b keys, version 1) stay readable: the
+        inputs not found under their version-2 key are hashed the old way and read again, in one
+        round trip for all of them. A hit is answered and copied under its version-2 key, so the
+        next read of it is one round trip. Only misses pay for this, and a miss is about to be
+        computed by a model anyway."""
+        jobs = [(functools.partial(job_of[k][0], version=1), job_of[k][1]) for k in absent]
+        old_keys = self._cache_keys(served, layer, await self._content_keys(jobs), 1)
+        copies = []
+        for key, value in zip(absent, await self.cache.get_many(old_keys)):
+            if value is None:
+                continue
+            try:
+                cached[key] = (value, codec.check(value))
+            except codec.CorruptValueError:
+                continue  # recomputed like any miss, and written under its version-2 key
+            copies.append((key, value))
+        if copies:
+            await self.cache.set_many(copies)
+
+    def _count_items(self, backbone: str, layer: str, result: str, n: int) -> None:
+        """``featurebank_items_total{backbone,layer,result} += n`` through a kept child."""
+        key = (backbone, layer, result)
+        child = self._item_counters.get(key)
+        if child is None:
+            child = self._item_counters[key] = self.metrics.items.labels(backbone, layer, result)
+        child.inc(n)
 
     async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.ExtractResponse:
         n = len(request.keys)
@@ -442,6 +490,10 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             raise InvalidArgumentError("output_dtype must be FLOAT32 or FLOAT16")
         if not request.backbone:
             raise InvalidArgumentError("Lookup needs a backbone name")
+        if request.key_version and request.key_version not in content_keys.KEY_VERSIONS:
+            raise InvalidArgumentError(
+                f"key_version {request.key_version} is not one of {content_keys.KEY_VERSIONS} (0: either)"
+            )
         served, layer = self._resolve(request.backbone, request.layer, None)
         async with items_in_flight(n):
             return await self._lookup(request, served, layer, out_dtype)
@@ -454,14 +506,25 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             backbone_fingerprint=served.info.fingerprint, backbone=served.info.name, layer=layer
         )
         results = [response.results.add(key=k) for k in request.keys]
-        valid = [i for i, k in enumerate(request.keys) if _CONTENT_KEY.match(k)]
-        for i in set(range(n)) - set(valid):
+        keys = request.keys
+        valid = [i for i, k in enumerate(keys) if _CONTENT_KEY.match(k)]
+        for i in () if len(valid) == n else sorted(set(range(n)) - set(valid)):
             _set_error(
                 results[i],
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{request.keys[i][:64]!r} is not a content key (32 lowercase hex characters)",
             )
-        values = await self.cache.get_many(self._cache_keys(served, layer, [request.keys[i] for i in valid]))
+        asked = [request.keys[i] for i in valid]
+        version = request.key_version or content_keys.KEY_VERSION
+        values = await self.cache.get_many(self._cache_keys(served, layer, asked, version))
+        if not request.key_version and None in values:
+            # An SDK from before key versions computed these keys with BLAKE2b (version 1): what
+            # was not found as version 2 is looked up as version 1, in one more round trip for the
+            # absent ones only (a hit as version 2 costs nothing more).
+            absent = [j for j, v in enumerate(values) if v is None]
+            old = await self.cache.get_many(self._cache_keys(served, layer, [asked[j] for j in absent], 1))
+            for j, v in zip(absent, old):
+                values[j] = v
         want = _OUTPUT_TENSOR_DTYPES[request.output_dtype]
         hits = 0
         for i, value in zip(valid, values):
@@ -476,9 +539,13 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             except codec.CorruptValueError:
                 _set_error(results[i], grpc.StatusCode.NOT_FOUND, "not in the cache: send the input to Extract")
         if hits:
-            self.metrics.items.labels(served.info.name, layer, "hit").inc(hits)
+            self._count_items(served.info.name, layer, "hit", hits)
         if len(valid) > hits:
-            self.metrics.lookup_not_found.labels(served.info.name, layer).inc(len(valid) - hits)
+            key = (served.info.name, layer)
+            child = self._not_found_counters.get(key)
+            if child is None:
+                child = self._not_found_counters[key] = self.metrics.lookup_not_found.labels(*key)
+            child.inc(len(valid) - hits)
         return response
 
     async def ListBackbones(self, request: pb.ListBackbonesRequest, context) -> pb.ListBackbonesResponse:

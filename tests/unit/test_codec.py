@@ -238,3 +238,20 @@ def test_short_or_empty_values_are_corrupt(value):
 def test_corrupt_value_error_is_a_value_error():
     """CorruptValueError is a ValueError, so callers that treat bad values as ValueError still catch it."""
     assert issubclass(CorruptValueError, ValueError)
+
+
+def test_values_checksummed_with_zlib_are_read_and_corruption_still_caught():
+    """Values written with zlib's CRC-32 (servers before the ISA-L checksum) pass check, byte for byte
+    the same checksum; a flipped data bit in them is still caught."""
+    import struct
+    import zlib
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    head = struct.pack("<2sBBB", codec.MAGIC, codec.FORMAT_VERSION, 1, 2) + struct.pack("<2I", 2, 3)
+    data = a.tobytes()
+    value = head + struct.pack("<I", zlib.crc32(data, zlib.crc32(head))) + data
+    assert value == codec.encode(a)
+    np.testing.assert_array_equal(codec.decode(value), a)
+    flipped = value[:-1] + bytes([value[-1] ^ 0x10])
+    with pytest.raises(CorruptValueError, match="checksum"):
+        codec.check(flipped)

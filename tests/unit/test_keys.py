@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 
+import blake3
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -27,8 +28,9 @@ TENSOR_DTYPES = ["float32", "float16", "uint8", "int32", "int64"]
 # ----------------------------------------------------------------------------- the definition, independently
 
 
-def reference_key(kind: str, payload) -> str:
-    """The content key exactly as the header of proto/featurebank/v1/featurebank.proto defines it."""
+def reference_key(kind: str, payload, version: int = 2) -> str:
+    """The content key exactly as the header of proto/featurebank/v1/featurebank.proto defines it:
+    BLAKE3 (version 2) or BLAKE2b (version 1), 16 bytes, over the documented layout."""
     if kind == "image":
         body = b"image\0" + bytes(payload)
     elif kind == "text":
@@ -38,7 +40,9 @@ def reference_key(kind: str, payload) -> str:
         le = a.astype(a.dtype.newbyteorder("<"), copy=False)
         shape = ",".join(str(d) for d in a.shape).encode()
         body = b"tensor\0" + a.dtype.name.encode() + b"\0" + shape + b"\0" + np.ascontiguousarray(le).tobytes()
-    return hashlib.blake2b(body, digest_size=16).hexdigest()
+    if version == 1:
+        return hashlib.blake2b(body, digest_size=16).hexdigest()
+    return blake3.blake3(body).digest(length=16).hex()
 
 
 def identity(kind: str, payload):
@@ -71,11 +75,19 @@ inputs = st.one_of(
 @given(inputs)
 @settings(max_examples=300, deadline=None)
 def test_content_key_matches_documented_layout(item):
-    """content_key equals an independent BLAKE2b-128 of the byte layout documented in the proto header."""
+    """content_key equals an independent BLAKE3-128 of the byte layout documented in the proto header,
+    and its version 1 an independent BLAKE2b-128 (the keys of SDKs and servers before key versions)."""
     kind, payload = item
     key = content_key(payload)
-    assert key == reference_key(kind, payload)
+    assert key == reference_key(kind, payload, 2)
     assert HEX32.fullmatch(key)
+    assert content_key(payload, version=1) == reference_key(kind, payload, 1) != key
+
+
+def test_unknown_key_version_is_value_error():
+    """A key version the SDK does not know is refused, not silently hashed some other way."""
+    with pytest.raises(ValueError, match="version 3"):
+        content_key(b"x", version=3)
 
 
 @given(inputs)
@@ -149,8 +161,9 @@ def test_big_endian_array_has_the_little_endian_key(dtype):
 
 def test_empty_image_and_text_have_defined_keys():
     """Empty bytes and the empty string are valid inputs with the documented (and different) keys."""
-    assert content_key(b"") == hashlib.blake2b(b"image\0", digest_size=16).hexdigest()
-    assert content_key("") == hashlib.blake2b(b"text\0", digest_size=16).hexdigest()
+    assert content_key(b"") == blake3.blake3(b"image\0").digest(length=16).hex()
+    assert content_key("") == blake3.blake3(b"text\0").digest(length=16).hex()
+    assert content_key(b"", version=1) == hashlib.blake2b(b"image\0", digest_size=16).hexdigest()
 
 
 def test_content_key_accepts_every_documented_input_type(tmp_path):
@@ -278,11 +291,13 @@ def test_default_namespace_is_empty():
 
 
 def straightforward_cache_key(
-    content_key: str, *, fingerprint: str, layer: str, storage_dtype: str, namespace: str = ""
+    content_key: str, *, fingerprint: str, layer: str, storage_dtype: str, namespace: str = "", key_version: int = 2
 ) -> str:
-    """cache_key as it was first written: one fresh BLAKE2b per key, every field fed in turn."""
+    """cache_key as it was first written: one fresh BLAKE2b per key, every field fed in turn (the key
+    version after the dtype, except for version 1, whose keys are exactly those of before key versions)."""
     h = hashlib.blake2b(digest_size=16)
-    for part in (namespace, fingerprint, layer, storage_dtype, content_key):
+    version = () if key_version == 1 else (str(key_version),)
+    for part in (namespace, fingerprint, layer, storage_dtype, *version, content_key):
         b = part.encode()
         h.update(len(b).to_bytes(4, "little"))
         h.update(b)
@@ -303,6 +318,24 @@ def test_prefed_hasher_keys_are_byte_identical_to_the_straightforward_ones(many)
 def test_cache_keys_equals_cache_key_per_item(shared, content_keys):
     """The batch form is the single form, item by item, in order."""
     assert cache_keys(content_keys, **shared) == [straightforward_cache_key(k, **shared) for k in content_keys]
+
+
+def test_version_1_cache_keys_are_the_keys_from_before_key_versions():
+    """Entries written before key versions stay readable: a version-1 cache key is byte for byte the
+    old derivation (pinned here as a literal), and the version-2 key of the same content key differs."""
+    fields = dict(fingerprint="fp", layer="pooled", storage_dtype="float32", namespace="")
+    ck = "0123456789abcdef0123456789abcdef"
+    old = (
+        "fb1:"
+        + hashlib.blake2b(
+            b"".join(len(p).to_bytes(4, "little") + p for p in (b"", b"fp", b"pooled", b"float32", ck.encode())),
+            digest_size=16,
+        ).hexdigest()
+    )
+    assert cache_key(ck, key_version=1, **fields) == old
+    assert cache_keys([ck], key_version=1, **fields) == [old]
+    assert cache_key(ck, **fields) != old
+    assert cache_key(ck, **fields) == straightforward_cache_key(ck, **fields, key_version=2)
 
 
 def test_prefix_cache_is_bounded():

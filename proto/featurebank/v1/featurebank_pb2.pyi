@@ -98,16 +98,18 @@ class ExtractResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ..., backbone_fingerprint: _Optional[str] = ..., backbone: _Optional[str] = ..., layer: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("backbone", "layer", "keys", "output_dtype")
+    __slots__ = ("backbone", "layer", "keys", "output_dtype", "key_version")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     layer: str
     keys: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DType
-    def __init__(self, backbone: _Optional[str] = ..., layer: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    key_version: int
+    def __init__(self, backbone: _Optional[str] = ..., layer: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., key_version: _Optional[int] = ...) -> None: ...
 
 class ListBackbonesRequest(_message.Message):
     __slots__ = ()
