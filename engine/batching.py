@@ -27,6 +27,7 @@ class PendingItem:
     from_cache: bool = False  # another replica computed it; it was read from the shared cache
     key: str = ""  # the cache key it computes (poison inputs are counted per key, across requests)
     tenant: str = ""  # the tenant whose request started it ("" without tokens)
+    reserved: bool = False  # holds room in its batcher (DynamicBatcher.reserve) until it is queued
 
     def abandoned(self, now: float) -> str | None:
         """Why this item should not reach a worker ("cancelled", "deadline"), or None."""
@@ -71,6 +72,10 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self.max_queue_share = max_queue_share
         self.queued_by_tenant: collections.Counter[str] = collections.Counter()
+        # Room held for items admitted but not queued yet (being claimed or preprocessed): admission
+        # counts them, so a flood is refused at once instead of after its items were decoded.
+        self.reserved_by_tenant: collections.Counter[str] = collections.Counter()
+        self._reserved = 0
         self._room = asyncio.Event()  # set whenever items leave the queue
         # One FIFO per tenant, in round-robin order (a dict keeps it: the tenant served last
         # moves to the end), so a batch takes turns between tenants: one tenant's flood never
@@ -95,11 +100,12 @@ class DynamicBatcher:
         1/(n+1) each, always leaving a share's worth of room for a newcomer. (Tenants admitted
         under a larger share keep what they hold until it drains; they are refused meanwhile.)
         """
-        free = self.max_queue_size - len(self)
+        free = self.max_queue_size - len(self) - self._reserved
         if not tenant or self.max_queue_share >= 1:
             return max(0, free)
-        mine = self.queued_by_tenant[tenant]
-        active = len(self.queued_by_tenant) - (1 if "" in self.queued_by_tenant else 0) + (0 if mine else 1)
+        mine = self.queued_by_tenant[tenant] + self.reserved_by_tenant[tenant]
+        holding = set(self.queued_by_tenant) | set(self.reserved_by_tenant)
+        active = len(holding) - (1 if "" in holding else 0) + (0 if mine else 1)
         share = int(self.max_queue_size * min(self.max_queue_share, 1.0 / (active + 1)))
         return max(0, min(free, share - mine))
 
@@ -121,8 +127,39 @@ class DynamicBatcher:
             self._room.clear()
             await self._room.wait()
 
+    def reserve(self, tenant: str, n: int = 1) -> None:
+        """Hold room for ``n`` items of ``tenant`` that will be submitted (or let go) later."""
+        self._reserved += n
+        self.reserved_by_tenant[tenant] += n
+
+    def unreserve(self, tenant: str, n: int = 1) -> None:
+        """Give back room held by ``reserve`` (the item was submitted, or will not be)."""
+        self._reserved -= n
+        left = self.reserved_by_tenant[tenant] - n
+        if left > 0:
+            self.reserved_by_tenant[tenant] = left
+        else:
+            del self.reserved_by_tenant[tenant]
+        self._room.set()
+
+    def hold(self, item: PendingItem) -> None:
+        """Hold room for an admitted item until ``submit`` (or ``let_go``): it is being claimed or preprocessed."""
+        if not item.reserved:
+            item.reserved = True
+            self.reserve(item.tenant)
+
+    def let_go(self, item: PendingItem) -> None:
+        """Give back the room an item held, if it still holds it (it was never queued)."""
+        if item.reserved:
+            item.reserved = False
+            self.unreserve(item.tenant)
+
     def submit(self, item: PendingItem) -> None:
-        """Queue one item; QueueFullError when the queue (or its tenant's share) is full."""
+        """Queue one item; QueueFullError when the queue (or its tenant's share) is full.
+
+        An item that held room (``hold``) hands it over first.
+        """
+        self.let_go(item)
         if self.room_for(item.tenant) < 1:
             raise self.full_error(item.tenant, 1)
         item.enqueued_at = asyncio.get_running_loop().time()

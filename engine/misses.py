@@ -109,11 +109,16 @@ class MissPath:
             flight = self.flights.get(key)
             if flight is None:
                 item = PendingItem(payloads[key], layer, loop.create_future(), deadline, key=key, tenant=tenant)
+                if not wait_for_room:  # admitted above: its room is held until it is queued
+                    batcher.hold(item)
                 flight, _ = self.flights.join(
                     key,
                     lambda f, item=item: self._own(f, served, item, claim=claim, write=write, wait=wait_for_room),
                     data=item,
                 )
+                # Given back whenever the owner ends without queueing it (cached meanwhile, failed,
+                # cancelled, even before it ran).
+                flight.task.add_done_callback(lambda _, item=item: batcher.let_go(item))
             else:
                 flight, _ = self.flights.join(key, None)  # type: ignore[arg-type]
                 item = flight.data
@@ -136,6 +141,7 @@ class MissPath:
     ) -> Computed:
         """The owner of one key: claim -> preprocess -> queue -> wait (refreshing the claim) -> write -> release."""
         key = item.key
+        batcher = served.batcher
         token = self.cache.claim_token() if claim else ""
         claiming: asyncio.Future | None = None
         held = False
@@ -163,13 +169,14 @@ class MissPath:
                         continue  # gone again (evicted): claim it
                     await asyncio.sleep(delay)  # CLAIM_HELD: another replica computes it; it writes, then releases
                     delay = min(delay * 2, MAX_POLL_S)
+            if wait:  # a stream's item: wait for room, then hold it while the item is preprocessed
+                await batcher.wait_for_room(item.tenant)
+                batcher.hold(item)
             pre = self.preprocessing.get(served.info.name)
             if pre is not None:  # decoded on another core while earlier batches compute
                 item.payload = await pre.preprocess(item)
-            if wait:
-                await served.batcher.wait_for_room(item.tenant)
             try:
-                served.batcher.submit(item)
+                batcher.submit(item)
             except QueueFullError:
                 self._refused(served.info.name, item.tenant, 1)
                 raise

@@ -24,7 +24,8 @@ class FaultyToy(ToyBackbone):
     """The toy backbone, plus: FB_TEST_FAIL_SETUP raises in load(); FB_TEST_LOAD_DELAY_S sleeps
     before loading; FB_TEST_LOAD_GATE_FILE holds load() while that file exists;
     FB_TEST_PREPROCESS_GATE_FILE holds a preprocessing process's start the same way;
-    FB_TEST_FORWARD_DELAY_MS sleeps in every served forward pass. An image whose bytes start with
+    FB_TEST_ITEM_GATE_FILE holds every item's preprocessing while that file exists (touching FILE.entered
+    first); FB_TEST_FORWARD_DELAY_MS sleeps in every served forward pass. An image whose bytes start with
     KILL makes the worker SIGKILL itself; with HANG it never returns; with ALLOC it allocates and
     fills FB_TEST_ALLOC_MB megabytes (an exotic decoder's appetite)."""
 
@@ -52,6 +53,11 @@ class FaultyToy(ToyBackbone):
         self._warm = True
 
     def preprocess(self, item):
+        gate = os.environ.get("FB_TEST_ITEM_GATE_FILE")
+        if gate and os.path.exists(gate):
+            open(gate + ".entered", "w").close()
+            while os.path.exists(gate):
+                time.sleep(0.05)
         if item.kind == "image" and item.payload.startswith(KILL_MARKER):
             os.kill(os.getpid(), signal.SIGKILL)
         if item.kind == "image" and item.payload.startswith(HANG_MARKER):

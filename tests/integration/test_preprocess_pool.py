@@ -121,3 +121,29 @@ def test_health_is_not_serving_while_a_backbone_has_no_ready_preprocessing_proce
     with FeatureBank(server.target, timeout_s=60) as bank:
         assert bank.extract(random_images(1, seed=85), backbone=FAULTY).shape == (1, 16)
     assert server.metric("featurebank_preprocess_crashes_total", backbone=FAULTY) == 2
+
+
+def test_items_being_preprocessed_count_against_the_queue_bound(start_server, tmp_path):
+    """Items admitted but still being decoded hold their room in the queue: while 4 items of a full
+    --max-queue-size 4 are held in preprocessing, another request is refused RESOURCE_EXHAUSTED at once
+    (not admitted, decoded, then refused, or left waiting), and served once they are through."""
+    import concurrent.futures
+
+    from featurebank.client import FeatureBankError
+
+    gate = tmp_path / "hold-preprocessing"
+    gate.touch()
+    server = start_server(
+        "--backbone", FAULTY, "--preprocess-workers", "1", "--max-batch-size", "4", "--max-queue-size", "4",
+        env={"FB_TEST_ITEM_GATE_FILE": str(gate)},
+    )  # fmt: skip
+    images = random_images(5, seed=86)
+    with FeatureBank(server.target, timeout_s=60) as bank, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(bank.extract, images[:4], backbone=FAULTY, cache_policy=1)
+        wait_until(lambda: os.path.exists(f"{gate}.entered"), 60, "the first request's items in preprocessing")
+        with pytest.raises(FeatureBankError) as refused, FeatureBank(server.target, timeout_s=10) as other:
+            other.extract(images[4:], backbone=FAULTY, cache_policy=1)
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+        gate.unlink()
+        assert first.result(60).shape == (4, 16)
+        assert bank.extract(images[4:], backbone=FAULTY, cache_policy=1).shape == (1, 16)

@@ -369,3 +369,36 @@ async def test_full_only_waits_for_a_full_batch_and_cancelling_takes_nothing():
     await asyncio.sleep(0)
     b.submit(pending("c"))
     assert payloads(await asyncio.wait_for(ahead, PROMPT_S)) == ["a", "b", "c"]
+
+
+async def test_held_items_count_against_the_queue_until_queued_or_let_go():
+    """Room held for admitted items (being claimed or preprocessed) is not offered to others; queueing the item
+    hands its room over (no double count) and letting it go gives the room back, once."""
+    batcher = DynamicBatcher(max_batch_size=2, max_batch_delay_ms=NEVER_MS, max_queue_size=4)
+    items = [pending(i) for i in range(3)]
+    for it in items:
+        batcher.hold(it)
+        batcher.hold(it)  # holding twice holds once
+    assert batcher.room_for("") == 1
+    batcher.submit(items[0])
+    assert batcher.room_for("") == 1 and len(batcher) == 1
+    batcher.let_go(items[1])
+    batcher.let_go(items[1])  # once
+    assert batcher.room_for("") == 2
+    batcher.submit(pending(9))
+    batcher.submit(pending(10))
+    with pytest.raises(QueueFullError):  # items[2] still holds the last place
+        batcher.submit(pending(11))
+    batcher.submit(items[2])
+    assert len(batcher) == 4 and batcher.room_for("") == 0
+
+
+async def test_a_tenants_held_items_count_toward_its_share():
+    """A tenant's items held in preprocessing count toward its share of the queue, as queued ones do."""
+    batcher = DynamicBatcher(max_batch_size=2, max_batch_delay_ms=NEVER_MS, max_queue_size=8, max_queue_share=0.5)
+    for i in range(4):
+        it = pending(i)
+        it.tenant = "flood"
+        batcher.hold(it)
+    assert batcher.room_for("flood") == 0
+    assert batcher.room_for("other") > 0
