@@ -46,15 +46,20 @@ def test_repeated_input_is_a_cache_hit_with_flag_and_metric(server, bank):
 
 
 def test_key_is_the_documented_content_hash(bank):
-    """ItemResult.key is the BLAKE2b-16 content key the client computes locally."""
+    """ItemResult.key is the version-2 content key (BLAKE3, 16 bytes) the client computes locally; version 1 is
+    BLAKE2b-16 over the same bytes."""
     import hashlib
+
+    import blake3
 
     img = random_images(1, seed=7)[0]
     text_arr = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
     outcomes = bank.extract_items([img, text_arr], backbone="toy")
-    assert outcomes[0].key == hashlib.blake2b(b"image\0" + img, digest_size=16).hexdigest() == content_key(img)
-    expected = hashlib.blake2b(b"tensor\0uint8\x002,2,3\0" + text_arr.tobytes(), digest_size=16).hexdigest()
-    assert outcomes[1].key == expected == content_key(text_arr)
+    assert outcomes[0].key == blake3.blake3(b"image\0" + img).hexdigest(16) == content_key(img)
+    tensor_bytes = b"tensor\0uint8\x002,2,3\0" + text_arr.tobytes()
+    assert outcomes[1].key == blake3.blake3(tensor_bytes).hexdigest(16) == content_key(text_arr)
+    assert content_key(img, version=1) == hashlib.blake2b(b"image\0" + img, digest_size=16).hexdigest()
+    assert content_key(text_arr, version=1) == hashlib.blake2b(tensor_bytes, digest_size=16).hexdigest()
 
 
 def test_one_corrupt_image_fails_alone(bank):
