@@ -363,4 +363,4 @@ class ServerProcess(ServedProcess):
         ]
         super().__init__(argv, name=name, workdir=workdir, env=env, pythonpath=pythonpath)
         if "FEATUREBANK_DATA_DIR" not in (env or {}):  # the embedded cache's: one per server, never the user's
-            self.env["FEATUREBANK_DATA_DIR"] = str(self.workdir / "data")
+            self.env["FEATUREBANK_DATA_DIR"] = str(self.workdir / f"{name}-data")  # servers may share a workdir

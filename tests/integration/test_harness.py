@@ -60,3 +60,13 @@ def test_a_served_process_is_ready_by_its_port_file_and_terminated_by_sigterm(tm
         s.metrics_text()
     assert s.terminate() == 0
     wait_until(lambda: not s.pids(), 10, "the process to be gone")
+
+
+def test_servers_sharing_a_workdir_get_their_own_embedded_cache_dir(tmp_path):
+    """Two harness servers started in one workdir (a benchmark's before/after pair) never share an embedded cache
+    data dir, which the second would be refused (one owner per data dir)."""
+    from featurebank.server.testing import ServerProcess
+
+    before = ServerProcess("--backbone", "toy", name="before", workdir=tmp_path)
+    after = ServerProcess("--backbone", "toy", name="after", workdir=tmp_path)
+    assert before.env["FEATUREBANK_DATA_DIR"] != after.env["FEATUREBANK_DATA_DIR"]
