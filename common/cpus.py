@@ -1,27 +1,30 @@
-"""How many CPUs this process may use: its affinity mask, lowered by a cgroup CPU quota."""
+"""How many CPUs this process may really use: its affinity, bounded by a cgroup CPU quota."""
 
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
+import pathlib
 
 
 def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
-    """CPUs this process may run on (sched_getaffinity), at most its cgroup's CPU quota rounded up; >= 1.
+    """CPUs this process may use: ``sched_getaffinity``, capped by the cgroup's quota, at least 1.
 
-    The quota is read from cgroup v2 (``cpu.max``: "QUOTA PERIOD" or "max PERIOD") or v1
-    (``cpu/cpu.cfs_quota_us`` and ``cpu.cfs_period_us``, -1 = none): a Kubernetes pod with
-    ``limits.cpu: 2`` on a 64-core node may use 2 CPUs, not 64.
+    A Kubernetes CPU limit is a CFS quota, not an affinity: ``os.cpu_count()`` says 64 on a node
+    where the pod may use 2. cgroup v2 says it in ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD"),
+    v1 in ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (-1 = none); a fraction rounds up.
     """
-    cpus = len(os.sched_getaffinity(0))
-    root = Path(cgroup_root)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    root = pathlib.Path(cgroup_root)
     quota = period = None
     try:
-        raw_quota, raw_period = (root / "cpu.max").read_text().split()[:2]
-        if raw_quota != "max":
-            quota, period = int(raw_quota), int(raw_period)
-    except (OSError, ValueError):
+        fields = (root / "cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            quota, period = int(fields[0]), int(fields[1])
+    except (OSError, ValueError, IndexError):
         try:
             q = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
             p = int((root / "cpu" / "cpu.cfs_period_us").read_text())
@@ -29,6 +32,6 @@ def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
                 quota, period = q, p
         except (OSError, ValueError):
             pass
-    if quota is not None and period:
+    if quota and period and period > 0:
         cpus = min(cpus, math.ceil(quota / period))
     return max(1, cpus)
