@@ -191,6 +191,10 @@ class RedisCache(FeatureCache):
         self.retry_interval_s = retry_interval_s
         self._metrics = metrics
         self._client = None
+        # Hits read through a lean pipelined connection where the URL allows (see redis_reads.py).
+        from featurebank.common.redis_reads import pipelined_reads_for  # server-only dependencies
+
+        self._reads = pipelined_reads_for(url, timeout_s) if not is_cluster_url(url) else None
         self._down_until = 0.0
         self._outage = False
         self._token = os.urandom(8).hex()  # this process, in its claims' tokens
@@ -295,14 +299,19 @@ class RedisCache(FeatureCache):
         if not self._available():
             return [None] * len(keys)
         try:
-            client = self._redis()
-            # A cluster's MGET must stay within one slot: redis-py splits it per slot and
-            # sends the parts concurrently, one round trip per node touched.
-            read = client.mget_nonatomic(keys) if self.cluster else client.mget(keys)
+            if self._reads is not None:
+                read = self._reads.mget(keys)
+            else:
+                client = self._redis()
+                # A cluster's MGET must stay within one slot: redis-py splits it per slot and
+                # sends the parts concurrently, one round trip per node touched.
+                read = client.mget_nonatomic(keys) if self.cluster else client.mget(keys)
             # asyncio.timeout rather than wait_for: no extra task (and loop turns) per call.
             async with asyncio.timeout(self.timeout_s):
                 values = await read
         except Exception as e:  # redis errors, OSError, timeouts: all mean "uncached"
+            if isinstance(e, TimeoutError) and self._reads is not None:
+                self._reads.abort()  # commands queued behind an unanswered one would time out too
             self._failed("get", e)
             return [None] * len(keys)
         self._ok()
@@ -357,6 +366,8 @@ class RedisCache(FeatureCache):
             self._failed("release", e)
 
     async def close(self) -> None:
+        if self._reads is not None:
+            await self._reads.close()
         if self._client is not None:
             await self._client.aclose()
             self._client = None

@@ -129,10 +129,15 @@ class RedisProcess:
     """A real Redis-protocol server on one port, no persistence; stoppable and restartable on the same port."""
 
     def __init__(
-        self, port: int | None = None, extra_args: Iterable[str] = (), workdir: str | os.PathLike | None = None
+        self,
+        port: int | None = None,
+        extra_args: Iterable[str] = (),
+        workdir: str | os.PathLike | None = None,
+        password: str | None = None,
     ):
         self.port = port or free_port()
-        self.extra_args = tuple(extra_args)
+        self.password = password  # --requirepass: clients must AUTH
+        self.extra_args = tuple(extra_args) + (("--requirepass", password) if password else ())
         self.dir = pathlib.Path(workdir) / "redis" if workdir else pathlib.Path(tempfile.mkdtemp(prefix="fb-redis-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.dir / "redis.log"
@@ -174,7 +179,7 @@ class RedisProcess:
         """A redis-py client of one database."""
         import redis
 
-        return redis.Redis(port=self.port, db=db, socket_timeout=socket_timeout_s)
+        return redis.Redis(port=self.port, db=db, socket_timeout=socket_timeout_s, password=self.password)
 
     def stop(self, timeout_s: float = 10) -> None:
         if self.proc is not None:
