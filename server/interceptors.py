@@ -13,6 +13,7 @@ from featurebank.common.errors import FeatureBankError, InvalidArgumentError
 from featurebank.common.metrics import Metrics
 from featurebank.server.auth import TokenAuthenticator, current_tenant
 from featurebank.server.limits import TenantGate, current_gate
+from featurebank.server.wire import passing_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method.rsplit("/", 1)[-1]
         kw = dict(
-            request_deserializer=_lenient(handler.request_deserializer), response_serializer=handler.response_serializer
+            request_deserializer=_lenient(handler.request_deserializer),
+            # Extract and Lookup answer with wire bytes they wrote themselves (server/wire.py).
+            response_serializer=passing_bytes(handler.response_serializer),
         )
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, handler.unary_unary), **kw)

@@ -33,6 +33,7 @@ from featurebank.server.head_store import DirectoryHeadStore, HeadStore
 from featurebank.server.heads import CompiledHeadCache, HeadLimits
 from featurebank.server.keys import cache_key, cache_keys
 from featurebank.server.limits import current_gate, items_in_flight
+from featurebank.server.wire import ResponseWriter
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 from featurebank.workers.backbones.base import BackboneInfo, InputItem
@@ -296,8 +297,8 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
 
     # ----------------------------------------------------------------------------- RPCs
 
-    async def Extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext) -> pb.ExtractResponse:
-        return await self.extract(request, context)
+    async def Extract(self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext) -> bytes:
+        return await self.extract(request, context, encoded=True)
 
     async def ExtractStream(self, request_iterator, context: grpc.aio.ServicerContext):
         """Answer each request message in order, working on at most ``stream_window`` at a time.
@@ -308,7 +309,9 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         in_progress: collections.deque[asyncio.Task] = collections.deque()
         try:
             async for request in request_iterator:
-                in_progress.append(asyncio.ensure_future(self.extract(request, context, wait_for_room=True)))
+                in_progress.append(
+                    asyncio.ensure_future(self.extract(request, context, wait_for_room=True, encoded=True))
+                )
                 while in_progress and (in_progress[0].done() or len(in_progress) >= self.stream_window):
                     yield await in_progress.popleft()
             while in_progress:
@@ -318,21 +321,32 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
                 task.cancel()
 
     async def extract(
-        self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None, *, wait_for_room: bool = False
-    ) -> pb.ExtractResponse:
+        self,
+        request: pb.ExtractRequest,
+        context: grpc.aio.ServicerContext | None,
+        *,
+        wait_for_room: bool = False,
+        encoded: bool = False,
+    ) -> pb.ExtractResponse | bytes:
         """The Extract pipeline for one request message (also used by ExtractStream and Predict).
 
         Its inputs count against the tenant's ``max_inflight_items`` while it runs: over the limit
         a unary call is refused at once, a stream's message waits for room (``wait_for_room``).
+        ``encoded``: answer with the response's wire bytes, hits written from the cached bytes
+        (server/wire.py), for gRPC to send as they are; otherwise with the message.
         """
         if current_gate.get() is None:  # no tenant limits: no context manager on the hot path
-            return await self._extract(request, context, wait_for_room)
+            return await self._extract(request, context, wait_for_room, encoded)
         async with items_in_flight(len(request.inputs), wait=wait_for_room):
-            return await self._extract(request, context, wait_for_room)
+            return await self._extract(request, context, wait_for_room, encoded)
 
     async def _extract(
-        self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext | None, wait_for_room: bool = False
-    ) -> pb.ExtractResponse:
+        self,
+        request: pb.ExtractRequest,
+        context: grpc.aio.ServicerContext | None,
+        wait_for_room: bool = False,
+        encoded: bool = False,
+    ) -> pb.ExtractResponse | bytes:
         n = len(request.inputs)
         if n == 0:
             raise InvalidArgumentError("no inputs: send at least one Input")
@@ -345,8 +359,12 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             raise InvalidArgumentError("output_dtype must be FLOAT32 or FLOAT16")
         served, layer = self._resolve(request.backbone, request.layer, request.inputs[0].WhichOneof("payload"))
         name = served.info.name
-        response = pb.ExtractResponse(backbone_fingerprint=served.info.fingerprint, backbone=name, layer=layer)
-        results = [response.results.add() for _ in range(n)]
+        if encoded:  # results stand alone until they are written out in order (step 4)
+            response = None
+            results = [pb.ItemResult() for _ in range(n)]
+        else:
+            response = pb.ExtractResponse(backbone_fingerprint=served.info.fingerprint, backbone=name, layer=layer)
+            results = [response.results.add() for _ in range(n)]
 
         # 1. content keys (a bad item fails alone, here or in the worker)
         parsed: list[tuple[int, InputItem]] = []
@@ -428,10 +446,15 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         # 4. answer in input order
         want = _OUTPUT_TENSOR_DTYPES[request.output_dtype]
         counts = {"hit": 0, "miss": 0, "error": 0}
+        as_stored: dict[int, tuple[bytes, codec.Header]] = {}  # hits written from their cached bytes
         for key, idx in todo.items():
             t = results[idx[0]].features
             hit = cached.get(key)
             if hit is not None:
+                if encoded and _STORED_TENSOR_DTYPES[hit[1].code] == want:
+                    for i in idx:
+                        as_stored[i] = hit
+                    continue
                 _cached_to_proto(hit[0], hit[1], want, out_dtype, t)
             else:
                 arr = features.get(key)
@@ -445,7 +468,17 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         for result_kind, c in counts.items():
             if c:
                 self._count_items(name, layer, result_kind, c)
-        return response
+        if not encoded:
+            return response
+        writer = ResponseWriter()
+        for i, r in enumerate(results):
+            hit = as_stored.get(i)
+            if hit is None:
+                writer.message(r)
+            else:
+                value, header = hit
+                writer.hit(r.key, want, header.shape, memoryview(value)[header.offset :])
+        return writer.finish(served.info.fingerprint, name, layer)
 
     async def _read_version_1(
         self, served: ServedBackbone, layer: str, absent: list[str], job_of: dict, cached: dict
@@ -477,7 +510,7 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             child = self._item_counters[key] = self.metrics.items.labels(backbone, layer, result)
         child.inc(n)
 
-    async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.ExtractResponse:
+    async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> bytes:
         n = len(request.keys)
         if n == 0:
             raise InvalidArgumentError("no keys: send at least one content key")
@@ -498,23 +531,20 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
         async with items_in_flight(n):
             return await self._lookup(request, served, layer, out_dtype)
 
-    async def _lookup(
-        self, request: pb.LookupRequest, served: ServedBackbone, layer: str, out_dtype
-    ) -> pb.ExtractResponse:
-        n = len(request.keys)
-        response = pb.ExtractResponse(
-            backbone_fingerprint=served.info.fingerprint, backbone=served.info.name, layer=layer
-        )
-        results = [response.results.add(key=k) for k in request.keys]
-        keys = request.keys
+    async def _lookup(self, request: pb.LookupRequest, served: ServedBackbone, layer: str, out_dtype) -> bytes:
+        """The response's wire bytes: hits written from their cached bytes (server/wire.py)."""
+        keys = list(request.keys)  # once: each read of a repeated string field builds new str objects
+        n = len(keys)
         valid = [i for i, k in enumerate(keys) if _CONTENT_KEY.match(k)]
+        failed: dict[int, pb.ItemResult] = {}  # every result that is not a hit in the stored dtype
         for i in () if len(valid) == n else sorted(set(range(n)) - set(valid)):
+            failed[i] = pb.ItemResult(key=keys[i])
             _set_error(
-                results[i],
+                failed[i],
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{request.keys[i][:64]!r} is not a content key (32 lowercase hex characters)",
+                f"{keys[i][:64]!r} is not a content key (32 lowercase hex characters)",
             )
-        asked = [request.keys[i] for i in valid]
+        asked = [keys[i] for i in valid]
         version = request.key_version or content_keys.KEY_VERSION
         values = await self.cache.get_many(self._cache_keys(served, layer, asked, version))
         if not request.key_version and None in values:
@@ -527,17 +557,31 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
                 values[j] = v
         want = _OUTPUT_TENSOR_DTYPES[request.output_dtype]
         hits = 0
+        found: dict[int, tuple[bytes, codec.Header]] = {}
         for i, value in zip(valid, values):
             try:
                 if value is None:
                     raise codec.CorruptValueError("absent")
                 # A corrupt value is NOT_FOUND too: the client then sends the input to Extract,
                 # which counts it, recomputes it and rewrites it.
-                _cached_to_proto(value, codec.check(value), want, out_dtype, results[i].features)
-                results[i].cache_hit = True
+                header = codec.check(value)
                 hits += 1
+                if _STORED_TENSOR_DTYPES[header.code] == want:
+                    found[i] = (value, header)
+                else:
+                    failed[i] = pb.ItemResult(key=keys[i], cache_hit=True)
+                    _cached_to_proto(value, header, want, out_dtype, failed[i].features)
             except codec.CorruptValueError:
-                _set_error(results[i], grpc.StatusCode.NOT_FOUND, "not in the cache: send the input to Extract")
+                failed[i] = pb.ItemResult(key=keys[i])
+                _set_error(failed[i], grpc.StatusCode.NOT_FOUND, "not in the cache: send the input to Extract")
+        writer = ResponseWriter()
+        for i, key in enumerate(keys):
+            hit = found.get(i)
+            if hit is None:
+                writer.message(failed[i])
+            else:
+                value, header = hit
+                writer.hit(key, want, header.shape, memoryview(value)[header.offset :])
         if hits:
             self._count_items(served.info.name, layer, "hit", hits)
         if len(valid) > hits:
@@ -546,7 +590,7 @@ class FeatureBankServicer(HeadRPCs, pb_grpc.FeatureBankServicer):
             if child is None:
                 child = self._not_found_counters[key] = self.metrics.lookup_not_found.labels(*key)
             child.inc(len(valid) - hits)
-        return response
+        return writer.finish(served.info.fingerprint, served.info.name, layer)
 
     async def ListBackbones(self, request: pb.ListBackbonesRequest, context) -> pb.ListBackbonesResponse:
         response = pb.ListBackbonesResponse()

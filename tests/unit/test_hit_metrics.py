@@ -85,7 +85,8 @@ def test_scrape_counts_hits_not_found_and_failures_exactly(served_app):
 
     async def drive():
         for _ in range(3):  # 3 RPCs x 2 hits
-            r = await extract(pb.ExtractRequest(inputs=[pb.Input(image=x) for x in images[:2]]), _Context())
+            answer = await extract(pb.ExtractRequest(inputs=[pb.Input(image=x) for x in images[:2]]), _Context())
+            r = pb.ExtractResponse.FromString(answer)
             assert [x.cache_hit for x in r.results] == [True, True]
         for _ in range(2):  # 2 RPCs x (3 hits, 2 not found: one never stored, one not a key)
             keys = [content_key(x) for x in images[2:5]] + [content_key(images[0]), "nope"]

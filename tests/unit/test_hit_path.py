@@ -114,7 +114,7 @@ def test_extract_and_lookup_hits_answer_the_cached_features(output_dtype):
     np.testing.assert_array_equal(got, np.concatenate([expected, expected[:1]]))
 
     lookup = pb.LookupRequest(backbone="b", keys=[content_key(x) for x in images], output_dtype=output_dtype)
-    response = asyncio.run(servicer.Lookup(lookup, None))
+    response = pb.ExtractResponse.FromString(asyncio.run(servicer.Lookup(lookup, None)))
     np.testing.assert_array_equal(np.stack([tensors.from_proto(r.features) for r in response.results]), expected)
 
 
@@ -125,7 +125,8 @@ def test_lookup_never_serves_a_corrupt_value():
     key = servicer._cache_key(served, "pooled", content_key(img))
     value = codec.encode(np.ones(4, np.float32))
     asyncio.run(servicer.cache.set_many([(key, value[:-1] + bytes([value[-1] ^ 1]))]))
-    (result,) = asyncio.run(servicer.Lookup(pb.LookupRequest(backbone="b", keys=[content_key(img)]), None)).results
+    answer = asyncio.run(servicer.Lookup(pb.LookupRequest(backbone="b", keys=[content_key(img)]), None))
+    (result,) = pb.ExtractResponse.FromString(answer).results
     assert not result.cache_hit and not result.HasField("features")
     assert result.error.code == 5  # NOT_FOUND
 

@@ -49,7 +49,8 @@ def _store(servicer, image: bytes, row, version: int) -> None:
 
 def _lookup(servicer, keys, key_version=None) -> list[pb.ItemResult]:
     kw = {} if key_version is None else {"key_version": key_version}
-    return list(asyncio.run(servicer.Lookup(pb.LookupRequest(backbone="b", keys=keys, **kw), None)).results)
+    answer = asyncio.run(servicer.Lookup(pb.LookupRequest(backbone="b", keys=keys, **kw), None))
+    return list(pb.ExtractResponse.FromString(answer).results)
 
 
 def _features(result: pb.ItemResult):
@@ -60,7 +61,7 @@ def test_an_old_sdks_keys_read_entries_an_old_server_wrote(app):
     """An SDK from before key versions (BLAKE2b keys, no key_version field) finds what an old server stored."""
     _store(app, b"old", [1, 2, 3, 4], version=1)
     wire = pb.LookupRequest(backbone="b", keys=[content_key(b"old", version=1)]).SerializeToString()
-    (r,) = asyncio.run(app.Lookup(pb.LookupRequest.FromString(wire), None)).results
+    (r,) = pb.ExtractResponse.FromString(asyncio.run(app.Lookup(pb.LookupRequest.FromString(wire), None))).results
     assert r.cache_hit and _features(r) == [1, 2, 3, 4]
 
 
