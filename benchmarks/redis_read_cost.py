@@ -18,7 +18,7 @@ import sys
 
 import redis.asyncio as redis_asyncio
 
-from featurebank.common.redis_reads import pipelined_reads_for
+from featurebank.common.redis_pipeline import pipelined_connection_for
 from featurebank.server.testing import RedisProcess
 
 
@@ -47,7 +47,7 @@ async def main(argv: list[str] | None = None) -> None:
     try:
         server.client().set("k", os.urandom(a.value_bytes))
         client = redis_asyncio.Redis.from_url(server.url, max_connections=256)
-        reads = pipelined_reads_for(server.url, 5.0)
+        reads = pipelined_connection_for(server.url, 5.0)
         systems = {"redis-py": client.mget, "pipelined": reads.mget}
         for mget in systems.values():  # connected, warm
             await _per_read_us(mget, 200, 16)

@@ -191,10 +191,11 @@ class RedisCache(FeatureCache):
         self.retry_interval_s = retry_interval_s
         self._metrics = metrics
         self._client = None
-        # Hits read through a lean pipelined connection where the URL allows (see redis_reads.py).
-        from featurebank.common.redis_reads import pipelined_reads_for  # server-only dependencies
+        # Commands go through a lean pipelined connection where the URL allows (redis_pipeline.py);
+        # redis-py serves Redis Cluster, TLS and URL options that connection does not know.
+        from featurebank.common.redis_pipeline import pipelined_connection_for  # server-only dependencies
 
-        self._reads = pipelined_reads_for(url, timeout_s) if not is_cluster_url(url) else None
+        self._conn = pipelined_connection_for(url, timeout_s) if not is_cluster_url(url) else None
         self._down_until = 0.0
         self._outage = False
         self._token = os.urandom(8).hex()  # this process, in its claims' tokens
@@ -215,9 +216,20 @@ class RedisCache(FeatureCache):
     def _available(self) -> bool:
         return time.monotonic() >= self._down_until
 
+    async def _pipeline(self, commands: list[tuple]) -> list:
+        """The replies to ``commands``, sent as one pipeline (not a transaction)."""
+        if self._conn is not None:
+            return await self._conn.execute_many(commands)
+        pipe = self._redis().pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute()
+
     def _failed(self, op: str, err: BaseException) -> None:
         if _is_bug(err):
             raise err  # a bug here (asyncio.timeout before 3.11, a typo) is not an outage: never "uncached" forever
+        if isinstance(err, TimeoutError) and self._conn is not None:
+            self._conn.abort()  # commands queued behind an unanswered one would time out too
         self._metrics.cache_errors.labels(op=op).inc()
         self._down_until = time.monotonic() + self.retry_interval_s
         if not self._outage:
@@ -299,8 +311,8 @@ class RedisCache(FeatureCache):
         if not self._available():
             return [None] * len(keys)
         try:
-            if self._reads is not None:
-                read = self._reads.mget(keys)
+            if self._conn is not None:
+                read = self._conn.mget(keys)
             else:
                 client = self._redis()
                 # A cluster's MGET must stay within one slot: redis-py splits it per slot and
@@ -310,8 +322,6 @@ class RedisCache(FeatureCache):
             async with asyncio.timeout(self.timeout_s):
                 values = await read
         except Exception as e:  # redis errors, OSError, timeouts: all mean "uncached"
-            if isinstance(e, TimeoutError) and self._reads is not None:
-                self._reads.abort()  # commands queued behind an unanswered one would time out too
             self._failed("get", e)
             return [None] * len(keys)
         self._ok()
@@ -321,11 +331,8 @@ class RedisCache(FeatureCache):
         if not items or not self._available():
             return
         try:
-            pipe = self._redis().pipeline(transaction=False)
-            for k, v in items:
-                pipe.set(k, v, ex=self.ttl_seconds)
             async with asyncio.timeout(self.timeout_s):
-                await pipe.execute()
+                await self._pipeline([("SET", k, v, "EX", self.ttl_seconds) for k, v in items])
         except Exception as e:
             self._failed("set", e)
             return
@@ -342,11 +349,10 @@ class RedisCache(FeatureCache):
         tokens = tokens or [f"{self._token}:0"] * len(keys)
         prefix = self._token + ":"
         try:
-            pipe = self._redis().pipeline(transaction=False)
-            for k, t in zip(keys, tokens):
-                pipe.eval(CLAIM_SCRIPT, 2, claim_key(k), k, t, int(ttl_ms), prefix)
             async with asyncio.timeout(self.timeout_s):
-                results = await pipe.execute()
+                results = await self._pipeline(
+                    [("EVAL", CLAIM_SCRIPT, 2, claim_key(k), k, t, int(ttl_ms), prefix) for k, t in zip(keys, tokens)]
+                )
         except Exception as e:
             self._failed("claim", e)
             return [CLAIM_TAKEN] * len(keys)  # without Redis, compute locally
@@ -357,17 +363,14 @@ class RedisCache(FeatureCache):
             return
         tokens = tokens or [f"{self._token}:0"] * len(keys)
         try:
-            pipe = self._redis().pipeline(transaction=False)
-            for k, t in zip(keys, tokens):
-                pipe.eval(RELEASE_SCRIPT, 1, claim_key(k), t)
             async with asyncio.timeout(self.timeout_s):
-                await pipe.execute()
+                await self._pipeline([("EVAL", RELEASE_SCRIPT, 1, claim_key(k), t) for k, t in zip(keys, tokens)])
         except Exception as e:
             self._failed("release", e)
 
     async def close(self) -> None:
-        if self._reads is not None:
-            await self._reads.close()
+        if self._conn is not None:
+            await self._conn.close()
         if self._client is not None:
             await self._client.aclose()
             self._client = None

@@ -1,10 +1,11 @@
-"""The hit path's cache reads: MGETs pipelined over one connection, RESP parsed by hiredis.
+"""The feature cache's commands pipelined over one connection, RESP written and parsed by hiredis.
 
 redis-py's asyncio client spends ~150-200 us of Python per MGET (connection pool checkout,
 command packing, response callbacks); this spends ~12-40 us for the same command (measured
 in one run, one 5 KB value: ``benchmarks/redis_read_cost.py``). That difference was the largest
-part of a single-image hit's cost beyond gRPC's. Everything else (writes, claim scripts, Redis
-Cluster, TLS, URL options this does not know) stays on redis-py.
+part of a single-image hit's cost beyond gRPC's, and a miss makes five such round trips (read,
+claim, write, release, and the version-1 read). Redis Cluster, TLS and URL options this does
+not know stay on redis-py.
 
 The wire format is hiredis's (``pack_command``, ``Reader``), the transport asyncio's own: no
 RESP is parsed by hand here. Replies come back in the order commands were sent, so each one
@@ -26,12 +27,12 @@ from redis.connection import UnixDomainSocketConnection, parse_url
 _UNDERSTOOD = frozenset({"host", "port", "db", "username", "password", "path", "connection_class"})
 
 
-class ReadConnectionError(ConnectionError):
-    """The read connection closed or broke; commands in flight on it fail with this."""
+class CacheConnectionError(ConnectionError):
+    """The cache connection closed or broke; commands in flight on it fail with this."""
 
 
-def pipelined_reads_for(url: str, timeout_s: float) -> PipelinedReads | None:
-    """A ``PipelinedReads`` for a plain ``redis://`` or ``unix://`` URL, or None where redis-py must read."""
+def pipelined_connection_for(url: str, timeout_s: float) -> PipelinedConnection | None:
+    """A ``PipelinedConnection`` for a plain ``redis://`` or ``unix://`` URL, or None where redis-py must serve."""
     if not url.startswith(("redis://", "unix://")):
         return None  # rediss:// (TLS), redis+cluster://, ...
     params = parse_url(url)
@@ -39,7 +40,7 @@ def pipelined_reads_for(url: str, timeout_s: float) -> PipelinedReads | None:
         return None
     if params.get("connection_class", UnixDomainSocketConnection) is not UnixDomainSocketConnection:
         return None
-    return PipelinedReads(params, timeout_s)
+    return PipelinedConnection(params, timeout_s)
 
 
 class _Protocol(asyncio.Protocol):
@@ -66,10 +67,10 @@ class _Protocol(asyncio.Protocol):
                 else:
                     future.set_result(reply)
         except (hiredis.ProtocolError, IndexError) as e:
-            self.abort(ReadConnectionError(f"the cache's replies are out of step ({type(e).__name__}: {e})"))
+            self.abort(CacheConnectionError(f"the cache's replies are out of step ({type(e).__name__}: {e})"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail_all(ReadConnectionError(f"the cache connection closed ({exc or 'by the server'})"))
+        self._fail_all(CacheConnectionError(f"the cache connection closed ({exc or 'by the server'})"))
 
     def _fail_all(self, error: Exception) -> None:
         self.closed = True
@@ -81,11 +82,21 @@ class _Protocol(asyncio.Protocol):
     def send(self, args: Sequence) -> asyncio.Future:
         """Write one command; the future gets its reply (or the error that ends the connection)."""
         if self.closed or self._transport is None:
-            raise ReadConnectionError("the cache connection is closed")
+            raise CacheConnectionError("the cache connection is closed")
         future = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
         self._transport.write(hiredis.pack_command(tuple(args)))
         return future
+
+    def send_many(self, commands: Sequence[Sequence]) -> list[asyncio.Future]:
+        """Write several commands at once (one write, a pipeline); a future for each reply."""
+        if self.closed or self._transport is None:
+            raise CacheConnectionError("the cache connection is closed")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        self._waiting.extend(futures)
+        self._transport.write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))
+        return futures
 
     def abort(self, error: Exception) -> None:
         """Close at once, failing every command in flight (a hung or confused connection)."""
@@ -94,10 +105,10 @@ class _Protocol(asyncio.Protocol):
             self._transport.abort()
 
 
-class PipelinedReads:
-    """MGET over one lazily opened connection, reopened by the next read after it breaks.
+class PipelinedConnection:
+    """Commands over one lazily opened connection, reopened by the next command after it breaks.
 
-    Callers bound each read with their own timeout and call ``abort()`` when it passes: a server
+    Callers bound each call with their own timeout and call ``abort()`` when it passes: a server
     that stopped answering must not keep old commands queued ahead of new ones.
     """
 
@@ -118,6 +129,20 @@ class PipelinedReads:
             protocol = await self._open()
         return await protocol.send(("MGET", *keys))
 
+    async def execute_many(self, commands: Sequence[Sequence]) -> list:
+        """Every command's reply, in order, the commands sent as one pipeline (not a transaction).
+
+        Raises the first error reply (after every reply is in, so none is left unretrieved).
+        """
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._open()
+        replies = await asyncio.gather(*protocol.send_many(commands), return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
+
     async def _open(self) -> _Protocol:
         if self._opening is None:
             self._opening = asyncio.Lock()
@@ -137,7 +162,7 @@ class PipelinedReads:
                     if self._db:
                         await protocol.send(("SELECT", self._db))
                 except BaseException:
-                    protocol.abort(ReadConnectionError("the cache connection was not set up"))
+                    protocol.abort(CacheConnectionError("the cache connection was not set up"))
                     raise
             self._protocol = protocol
             return protocol
@@ -145,10 +170,10 @@ class PipelinedReads:
     def abort(self) -> None:
         """Drop the connection and fail what is in flight on it; the next read opens a new one."""
         if self._protocol is not None:
-            self._protocol.abort(ReadConnectionError("the cache did not answer in time; reconnecting"))
+            self._protocol.abort(CacheConnectionError("the cache did not answer in time; reconnecting"))
             self._protocol = None
 
     async def close(self) -> None:
         if self._protocol is not None:
-            self._protocol.abort(ReadConnectionError("the cache is closing"))
+            self._protocol.abort(CacheConnectionError("the cache is closing"))
             self._protocol = None
