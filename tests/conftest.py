@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 
 from featurebank.client import FeatureBank
 from support import RedisProcess, ServerProcess
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_pytests_basetemp(tmp_path_factory):
+    """Every temporary dir the tests and the servers they start make (server workdirs, Redis dirs,
+    engine run dirs) goes under pytest's basetemp, which pytest removes a few runs later: a run
+    leaves nothing in /tmp."""
+    root = tmp_path_factory.mktemp("tmp", numbered=False)
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(root)
+    os.environ["TMPDIR"] = str(root)  # the processes tests start inherit it
+    yield
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[1]
 
 
 @pytest.fixture
