@@ -25,6 +25,7 @@ from featurebank.server.engine_core import Engine, batch_buckets  # noqa: F401 (
 from featurebank.server.head_store import open_head_store
 from featurebank.server.heads import HeadLimits
 from featurebank.server.interceptors import StatusInterceptor
+from featurebank.server.limits import PodLimits
 from featurebank.server.ports import PortInUseError, check_free
 from featurebank.server.servicer import FeatureBankServicer, ServedBackbone
 from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
@@ -62,10 +63,14 @@ class FeatureBankServer:
     EngineClient; its gRPC port is shared with the other frontends (SO_REUSEPORT).
     """
 
-    def __init__(self, config: ServerConfig, *, engine_socket: str = "", cache_url: str = ""):
+    def __init__(
+        self, config: ServerConfig, *, engine_socket: str = "", cache_url: str = "", pod_limits: PodLimits | None = None
+    ):
         """``cache_url``: an embedded cache another process of the pod runs (the supervisor's);
-        without it, this server runs its own (with --cache embedded)."""
+        without it, this server runs its own (with --cache embedded). ``pod_limits``: where the
+        frontends of the pod count the tenants' limits together."""
         self.config = config
+        self.pod_limits = pod_limits
         self.metrics = Metrics()
         own = config.cache_kind == "embedded" and not cache_url
         self.embedded_cache = EmbeddedCache.from_config(config) if own else None
@@ -180,7 +185,7 @@ class FeatureBankServer:
         # answers RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!". Unauthenticated calls are
         # refused before their message is read (interceptors.py), so they cost no message memory.
         self.server = grpc.aio.server(
-            interceptors=[StatusInterceptor(self.metrics, authenticator)],
+            interceptors=[StatusInterceptor(self.metrics, authenticator, self.pod_limits)],
             options=options,
             maximum_concurrent_rpcs=c.max_concurrent_rpcs,
         )
@@ -345,7 +350,9 @@ class FeatureBankServer:
         await self._stopped.wait()
 
 
-async def serve(config: ServerConfig, *, engine_socket: str = "", cache_url: str = "") -> int:
+async def serve(
+    config: ServerConfig, *, engine_socket: str = "", cache_url: str = "", pod_limits: PodLimits | None = None
+) -> int:
     """Run until SIGTERM/SIGINT, then drain and return the exit code (0).
 
     With ``--frontends N`` (N >= 2) this process is the supervisor of an engine process and N
@@ -358,7 +365,7 @@ async def serve(config: ServerConfig, *, engine_socket: str = "", cache_url: str
         # The last line: every process drained and gone.
         logger.info("featurebank stopped" + ("" if code == 0 else " (exit %d)"), *([code] if code else []))
         return code
-    server = FeatureBankServer(config, engine_socket=engine_socket, cache_url=cache_url)
+    server = FeatureBankServer(config, engine_socket=engine_socket, cache_url=cache_url, pod_limits=pod_limits)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task] = []
 

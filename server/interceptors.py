@@ -12,7 +12,7 @@ import grpc
 from featurebank.common.errors import FeatureBankError, InvalidArgumentError
 from featurebank.common.metrics import Metrics
 from featurebank.server.auth import TokenAuthenticator, current_tenant
-from featurebank.server.limits import TenantGate, current_gate
+from featurebank.server.limits import PodLimits, SharedCounters, TenantGate, burst_of, current_gate
 from featurebank.server.wire import passing_bytes
 
 logger = logging.getLogger(__name__)
@@ -53,19 +53,33 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     INTERNAL) and records ``featurebank_requests_total{method,code,tenant}`` and
     ``featurebank_request_duration_seconds``."""
 
-    def __init__(self, metrics: Metrics, authenticator: TokenAuthenticator | None = None):
+    def __init__(
+        self, metrics: Metrics, authenticator: TokenAuthenticator | None = None, pod_limits: PodLimits | None = None
+    ):
+        """``pod_limits``: this is one frontend of several (--frontends N); the tenants' limits are
+        then counted for the whole pod, in counters all its frontends share."""
         self.metrics = metrics
         self.authenticator = authenticator
-        # One gate per tenant that has limits (rate, items in flight).
-        self._gates: dict[str, TenantGate] = {
-            t.name: TenantGate(
-                t.name,
-                t.limits,
-                on_limited=lambda tenant, limit: metrics.tenant_limited.labels(tenant, limit).inc(),
-                on_inflight=lambda tenant, n: metrics.tenant_inflight.labels(tenant).set(n),
-            )
+        limited = {
+            t.name: t.limits
             for t in (authenticator.tenants.values() if authenticator is not None else ())
             if t.limits.max_inflight_items or t.limits.requests_per_s
+        }
+        self.shared_counters = (
+            SharedCounters(pod_limits, limited, {name: burst_of(lim) for name, lim in limited.items()})
+            if pod_limits is not None and limited
+            else None
+        )
+        # One gate per tenant that has limits (rate, items in flight).
+        self._gates: dict[str, TenantGate] = {
+            name: TenantGate(
+                name,
+                limits,
+                on_limited=lambda tenant, limit: metrics.tenant_limited.labels(tenant, limit).inc(),
+                on_inflight=lambda tenant, n: metrics.tenant_inflight.labels(tenant).set(n),
+                shared=self.shared_counters,
+            )
+            for name, limits in limited.items()
         }
         # Full method name -> its wrapped handler. A method's handler is registered once and never
         # changes, and nothing per call is baked into the wrapper, so it is built once per method

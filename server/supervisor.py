@@ -28,6 +28,7 @@ import time
 
 from featurebank.engine.pool import describe_exit
 from featurebank.server.config import ServerConfig, is_loopback
+from featurebank.server.limits import PodLimits
 from featurebank.server.ports import PortInUseError
 
 logger = logging.getLogger(__name__)
@@ -64,13 +65,20 @@ def engine_main(config: ServerConfig, socket_path: str, parent_pid: int, cache_u
     asyncio.run(serve_engine(config, socket_path, cache_url))
 
 
-def frontend_main(config: ServerConfig, socket_path: str, index: int, parent_pid: int, cache_url: str = "") -> None:
+def frontend_main(
+    config: ServerConfig,
+    socket_path: str,
+    index: int,
+    parent_pid: int,
+    cache_url: str = "",
+    pod_limits: PodLimits | None = None,
+) -> None:
     """One frontend process (spawned): a FeatureBankServer whose misses go to the engine."""
     die_with_parent(parent_pid)
     _child_logging(config, f"frontend-{index}")
     from featurebank.server.app import serve
 
-    asyncio.run(serve(config, engine_socket=socket_path, cache_url=cache_url))
+    asyncio.run(serve(config, engine_socket=socket_path, cache_url=cache_url, pod_limits=pod_limits))
 
 
 class Child:
@@ -196,7 +204,10 @@ class Supervisor:
 
     def _new_frontend(self, index: int) -> Child:
         cfg = self._frontend_config(index)
-        return Child("frontend", index, frontend_main, (cfg, self.socket_path, index, os.getpid(), self.cache_url))
+        # The tenants' limits hold for the pod: every frontend counts them in one file of the run dir.
+        pod_limits = PodLimits(os.path.join(self.run_dir, "tenant-limits"), index, self.count)
+        args = (cfg, self.socket_path, index, os.getpid(), self.cache_url, pod_limits)
+        return Child("frontend", index, frontend_main, args)
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (exit code 0) or until the engine keeps dying (1)."""

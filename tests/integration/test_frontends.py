@@ -262,3 +262,42 @@ def test_frontends_share_the_pods_embedded_cache_and_it_stops_with_the_pod(start
     after = [_extract(s2.target, im) for im in images]
     assert all(r.results[0].cache_hit for r in after)
     assert [r.results[0].features.data for r in after] == [r.results[0].features.data for r in first]
+
+
+def test_a_tenants_limits_hold_for_the_pod_not_for_each_frontend(start_server, redis_server, tmp_path):
+    """A tenant allowed a burst of 4 requests (and next to no refill) gets 4 answered by the pod,
+    through connections spread over both frontends, not 4 by each; the rest are RESOURCE_EXHAUSTED."""
+    token = "pod-tenant-token-0123456789"
+    (tmp_path / "tokens.json").write_text(
+        json.dumps({"tenants": {"t": {"tokens": [token], "requests_per_s": 0.001, "burst": 4}}})
+    )
+    s = start_server(
+        "--backbone",
+        "toy",
+        "--redis-url",
+        redis_server.url,
+        "--frontends",
+        "2",
+        "--tokens-file",
+        str(tmp_path / "tokens.json"),
+    )
+    codes = []
+    for _ in range(24):  # each on a connection of its own: 24 draws of the kernel's SO_REUSEPORT hash
+        channel, stub = _stub(s.target)
+        with channel:
+            try:
+                stub.Lookup(
+                    pb.LookupRequest(backbone="toy", keys=["0" * 32]),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                    timeout=10,
+                )
+                codes.append("OK")
+            except grpc.RpcError as e:
+                codes.append(e.code().name)
+    assert codes.count("OK") == 4 and codes.count("RESOURCE_EXHAUSTED") == 20, codes
+    pids = {str(p) for p in _ports(s)["frontend_pids"]}
+    wait_until(
+        lambda: {pid for pid, n in _per_pid(s, "featurebank_frontend_requests").items() if n > 0} >= pids,
+        30,
+        "both frontends to have answered some of them",
+    )
