@@ -376,7 +376,14 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig)
-    await server.start()
+    try:
+        await server.start()
+    except Exception:
+        if not stopping:
+            raise
+        # SIGTERM while the workers load (a rollout replacing a starting pod): the drain stopped
+        # them, which ended the start-up; that is a requested stop, not a failure.
+        logger.info("stopped while starting")
     await server.wait_closed()
     # The last line: drained, workers and ports closed (a frontend's is "frontend stopped").
     logger.info("frontend stopped" if engine_socket else "featurebank stopped")

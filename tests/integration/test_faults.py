@@ -195,6 +195,22 @@ def test_health_is_not_serving_until_workers_are_warm_and_sigterm_drains(start_s
     assert server.terminate() == 0
 
 
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_sigterm_while_the_backbone_loads_stops_cleanly(start_server, redis_server, frontends):
+    """SIGTERM before the workers are warm (a rollout replacing a starting pod): exit 0 with
+    "featurebank stopped", no traceback, and no worker blamed as killed or out of memory."""
+    server = start_server(
+        "--backbone", FAULTY, "--redis-url", redis_server.url, "--frontends", frontends,
+        env={"FB_TEST_LOAD_DELAY_S": "30"}, wait=False,
+    )  # fmt: skip
+    server.wait_port()
+    wait_until(lambda: server.worker_pids(), 30, "a worker loading")
+    assert server.terminate(timeout_s=60) == 0, server.log(3000)
+    log = server.log()
+    assert log.rstrip().endswith("featurebank stopped"), log[-3000:]
+    assert "Traceback" not in log and "out of memory" not in log, log[-3000:]
+
+
 def test_a_backbone_that_fails_to_load_stops_the_server_with_a_reason(start_server):
     """A backbone that raises while loading makes the server exit non-zero, saying why."""
     server = start_server("--backbone", FAULTY, env={"FB_TEST_FAIL_SETUP": "1"}, wait=False)
