@@ -23,19 +23,8 @@ import grpc
 import numpy as np
 
 from featurebank.client.errors import FeatureBankError
+from featurebank.server.wire import varint
 from featurebank.v1 import featurebank_pb2 as pb
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 class RequestFactory:
@@ -82,7 +71,7 @@ class RequestFactory:
                 body = input_key(msg).encode()
             else:
                 body = msg.SerializeToString()
-            f = self._framed[index] = b"\x1a" + _varint(len(body)) + body  # field 3, length-delimited
+            f = self._framed[index] = b"\x1a" + varint(len(body)) + body  # field 3, length-delimited
         return f
 
     def request(self, indices: tuple[int, ...]) -> bytes:
