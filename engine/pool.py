@@ -13,10 +13,10 @@ from typing import Any
 
 import grpc
 
-from featurebank.common.errors import FeatureBankError, WorkerCrashError
+from featurebank.common.errors import FeatureBankError
 from featurebank.common.metrics import Metrics
 from featurebank.engine.batching import DynamicBatcher, PendingItem
-from featurebank.engine.crashes import MAX_ATTEMPTS, CrashLedger
+from featurebank.engine.crashes import CrashLedger
 from featurebank.engine.processes import ChildProcess, WorkerDied, WorkerSetupError, WorkerState
 from featurebank.workers import worker as worker_main
 from featurebank.workers.backbones.base import BackboneInfo
@@ -324,17 +324,13 @@ class WorkerPool:
         retry = []
         for item in items:
             item.attempts += 1
-            crashes = self.crashes.count(item)
+            error = self.crashes.crashed(item, item.attempts, f"the {self.backbone} worker", reason)
             if item.future.done():
                 continue
-            if max(item.attempts, crashes) >= MAX_ATTEMPTS:
-                item.future.set_exception(
-                    WorkerCrashError(
-                        f"this input crashed the {self.backbone} worker {crashes} times ({reason}); not retried"
-                    )
-                )
-            else:
+            if error is None:
                 retry.append(item)
+            else:
+                item.future.set_exception(error)
         self.batcher.requeue(retry)
 
     async def _restart(self, w: WorkerProcess) -> None:

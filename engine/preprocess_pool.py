@@ -14,10 +14,10 @@ from typing import Any
 
 import grpc
 
-from featurebank.common.errors import FeatureBankError, WorkerCrashError
+from featurebank.common.errors import FeatureBankError
 from featurebank.common.metrics import Metrics
 from featurebank.engine.batching import PendingItem
-from featurebank.engine.crashes import MAX_ATTEMPTS, CrashLedger
+from featurebank.engine.crashes import CrashLedger
 from featurebank.engine.processes import ChildProcess, WorkerDied, WorkerState
 from featurebank.workers import preprocessing
 from featurebank.workers.backbones.base import BackboneInfo
@@ -286,18 +286,13 @@ class PreprocessPool:
         self._update_ready()
         for job in jobs:
             job.attempts += 1
-            crashes = self.crashes.count(job.item)
+            error = self.crashes.crashed(job.item, job.attempts, f"{self.backbone} preprocessing processes", reason)
             if job.future.done():
                 continue
-            if max(job.attempts, crashes) >= MAX_ATTEMPTS:
-                job.future.set_exception(
-                    WorkerCrashError(
-                        f"this input crashed {self.backbone} preprocessing processes {crashes} times ({reason}); "
-                        "not retried"
-                    )
-                )
-            else:
+            if error is None:
                 self._alone.append(job)
+            else:
+                job.future.set_exception(error)
         if self._alone:
             self._work.set()
 
