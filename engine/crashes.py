@@ -64,6 +64,16 @@ class CrashLedger:
         self.metrics.input_crashes.labels(self.backbone, item.tenant).inc()
         return crashes
 
+    def crashed(self, item: PendingItem, attempts: int, what: str, reason: str) -> WorkerCrashError | None:
+        """Count a crash by ``item``'s input on its ``attempts``-th try: the error that ends it, or None to retry it.
+
+        ``what`` names the process in the error ("the toy worker"), ``reason`` says how it died.
+        """
+        crashes = self.count(item)
+        if max(attempts, crashes) < MAX_ATTEMPTS:
+            return None
+        return WorkerCrashError(f"this input crashed {what} {crashes} times ({reason}); not retried")
+
     def forget(self, item: PendingItem) -> None:
         """The item was computed after a crash: it was a bystander, not the cause."""
         if self._crashes:

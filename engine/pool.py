@@ -5,162 +5,56 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import enum
 import itertools
 import logging
-import multiprocessing
-import multiprocessing.connection
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from featurebank.common.errors import FeatureBankError, WorkerCrashError
+from featurebank.common.errors import FeatureBankError
 from featurebank.common.metrics import Metrics
 from featurebank.engine.batching import DynamicBatcher, PendingItem
-from featurebank.engine.crashes import MAX_ATTEMPTS, CrashLedger
+from featurebank.engine.crashes import CrashLedger
+from featurebank.engine.processes import ChildProcess, WorkerDied, WorkerSetupError, WorkerState
 from featurebank.workers import worker as worker_main
 from featurebank.workers.backbones.base import BackboneInfo
-from featurebank.workers.messages import Batch, BatchResult, Shutdown, WorkerFailed, WorkerReady, WorkerSetup
+from featurebank.workers.messages import Batch, BatchResult, WorkerReady, WorkerSetup
 
 logger = logging.getLogger(__name__)
 
-# A batch that killed a worker is re-sent once, item by item (poison accounting: engine/crashes.py).
-RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
+class WorkerProcess(ChildProcess):
+    """One spawned model worker. Batches are written from its own send thread and results read in ``thread``."""
 
-class WorkerState(enum.Enum):
-    NEW = "new"
-    STARTING = "starting"
-    READY = "ready"
-    BUSY = "busy"
-    DEAD = "dead"
-
-
-class WorkerDied(Exception):
-    """The worker process exited while we waited on it."""
-
-
-class WorkerSetupError(RuntimeError):
-    """The backbone failed to load in a worker (bad name, missing weights, ...)."""
-
-
-def describe_exit(code: int | None) -> str:
-    """A human reason for a worker's exit code."""
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = ": killed, out of memory?" if -code == signal.SIGKILL else ""
-        return f"exit {code} ({name}{hint})"
-    return f"exit {code}"
-
-
-class WorkerProcess:
-    """One spawned worker: its process, pipe and state. Blocking calls run in its own thread."""
-
-    _ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold TF/gRPC threads
+    ready_type = WorkerReady
 
     def __init__(self, setup: WorkerSetup):
-        self.setup = setup
-        self.state = WorkerState.NEW
-        self.busy_since: float | None = None  # time.monotonic() when its current batch started computing
-        self.killed_because: str | None = None  # set by the watchdog before it kills the process
-        self.watched_fd: int | None = None  # its sentinel, while the pool's event loop watches it
-        self.process: multiprocessing.process.BaseProcess | None = None
-        self.conn: multiprocessing.connection.Connection | None = None
-        self.ready: WorkerReady | None = None
         name = f"worker-{setup.backbone}-{setup.worker_index}"
+        super().__init__(
+            setup,
+            target=worker_main.main,
+            name=name,
+            label=f"worker {setup.backbone}-{setup.worker_index}",
+            description=f"backbone {setup.backbone!r}",
+        )
+        self.busy_since: float | None = None  # time.monotonic() when its current batch started computing
         # One thread writes batches and one reads results, so a batch can be on its way while the
         # previous one computes; each is a single thread, so order is kept.
-        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
         self.send_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-send")
 
     def spawn(self) -> None:
-        parent, child = self._ctx.Pipe(duplex=True)
-        self.process = self._ctx.Process(
-            target=worker_main.main,
-            args=(child, self.setup),
-            daemon=True,
-            name=f"featurebank-worker-{self.setup.backbone}-{self.setup.worker_index}",
-        )
-        self.state = WorkerState.STARTING
         self.busy_since = None
-        self.killed_because = None
-        self.process.start()
-        child.close()
-        self.conn = parent
-
-    def wait_ready(self, timeout_s: float) -> WorkerReady:
-        """Block until the worker reports ready; raises WorkerSetupError or WorkerDied."""
-        msg = self._receive(timeout_s)
-        if isinstance(msg, WorkerFailed):
-            self.kill()
-            raise WorkerSetupError(f"backbone {self.setup.backbone!r} failed to load: {msg.error}")
-        if not isinstance(msg, WorkerReady):
-            raise WorkerSetupError(f"unexpected first message {type(msg).__name__}")
-        self.ready = msg
-        self.state = WorkerState.READY
-        return msg
+        super().spawn()
 
     def send(self, batch: Batch) -> None:
         """Write one batch to the worker's pipe; raises WorkerDied if the process is gone."""
         self.state = WorkerState.BUSY
-        try:
-            self.conn.send(batch)
-        except (BrokenPipeError, OSError, EOFError) as e:
-            raise WorkerDied(self._death()) from e
-
-    def receive(self) -> BatchResult:
-        """Wait for the next result (results come back in the order batches were sent)."""
-        return self._receive(None)
-
-    def _receive(self, timeout_s: float | None) -> Any:
-        ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], timeout_s)
-        if not ready:
-            self.kill()
-            raise WorkerDied(f"no answer within {timeout_s:.0f}s")
-        if self.conn in ready:
-            try:
-                return self.conn.recv()
-            except (EOFError, OSError):
-                pass
-        raise WorkerDied(self._death())
-
-    def death_reason(self) -> str:
-        """Why the (exited) process died; marks the worker DEAD."""
-        return self._death()
-
-    def _death(self) -> str:
-        self.state = WorkerState.DEAD
-        self.process.join(5)
-        exit_reason = describe_exit(self.process.exitcode)
-        return f"{self.killed_because}; {exit_reason}" if self.killed_because else exit_reason
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
-        self.state = WorkerState.DEAD
+        self.write(batch)
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        if self.process is None:
-            return
-        try:
-            if self.process.is_alive():
-                self.conn.send(Shutdown())
-                self.process.join(timeout_s)
-        except (BrokenPipeError, OSError):
-            pass
-        self.kill()
-        if self.conn is not None:
-            self.conn.close()
-        self.thread.shutdown(wait=False)
+        super().stop(timeout_s)
         self.send_thread.shutdown(wait=False)
 
 
@@ -355,29 +249,19 @@ class WorkerPool:
 
     @staticmethod
     def _exit_future(w: WorkerProcess) -> asyncio.Future:
-        """Done when the worker's process exits (its sentinel becomes readable).
-
-        The reader is removed synchronously (on exit, or by ``_unwatch``) before the process is
-        replaced, so a recycled descriptor number is never confused with the new sentinel.
-        """
-        loop = asyncio.get_running_loop()
-        exited = loop.create_future()
-        fd = w.process.sentinel
+        """Done when the worker's process exits (its sentinel becomes readable)."""
+        exited = asyncio.get_running_loop().create_future()
 
         def on_exit() -> None:
-            loop.remove_reader(fd)
             if not exited.done():
-                exited.set_result(fd)
+                exited.set_result(None)
 
-        loop.add_reader(fd, on_exit)
-        w.watched_fd = fd
+        w.watch_exit(on_exit)
         return exited
 
     @staticmethod
     def _unwatch(w: WorkerProcess, exited: asyncio.Future) -> None:
-        if w.watched_fd is not None:
-            asyncio.get_running_loop().remove_reader(w.watched_fd)
-            w.watched_fd = None
+        w.unwatch_exit()
         exited.cancel()
 
     def _send(self, w: WorkerProcess, items: list[PendingItem]) -> asyncio.Future:
@@ -440,41 +324,18 @@ class WorkerPool:
         retry = []
         for item in items:
             item.attempts += 1
-            crashes = self.crashes.count(item)
+            error = self.crashes.crashed(item, item.attempts, f"the {self.backbone} worker", reason)
             if item.future.done():
                 continue
-            if max(item.attempts, crashes) >= MAX_ATTEMPTS:
-                item.future.set_exception(
-                    WorkerCrashError(
-                        f"this input crashed the {self.backbone} worker {crashes} times ({reason}); not retried"
-                    )
-                )
-            else:
+            if error is None:
                 retry.append(item)
+            else:
+                item.future.set_exception(error)
         self.batcher.requeue(retry)
 
     async def _restart(self, w: WorkerProcess) -> None:
-        loop = asyncio.get_running_loop()
-        for attempt in itertools.count():
-            if self._closing:
-                return
-            try:
-                w.kill()
-                w.spawn()
-                await loop.run_in_executor(w.thread, w.wait_ready, self.start_timeout_s)
-                logger.info("worker %s-%d is back", self.backbone, w.setup.worker_index)
-                self._update_ready()
-                return
-            except (WorkerDied, WorkerSetupError) as e:
-                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
-                logger.error(
-                    "restarting worker %s-%d failed (%s); next try in %.1fs",
-                    self.backbone,
-                    w.setup.worker_index,
-                    e,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+        if await w.restart(self.start_timeout_s, lambda: self._closing):
+            self._update_ready()
 
     async def close(self) -> None:
         self._closing = True

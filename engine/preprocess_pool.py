@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import dataclasses
 import itertools
 import logging
 import math
-import multiprocessing
-import multiprocessing.connection
 import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from featurebank.common.errors import FeatureBankError, WorkerCrashError
+from featurebank.common.errors import FeatureBankError
 from featurebank.common.metrics import Metrics
 from featurebank.engine.batching import PendingItem
-from featurebank.engine.crashes import MAX_ATTEMPTS, CrashLedger
-from featurebank.engine.pool import RESTART_BACKOFF_S, WorkerDied, WorkerSetupError, WorkerState, describe_exit
+from featurebank.engine.crashes import CrashLedger
+from featurebank.engine.processes import ChildProcess, WorkerDied, WorkerState
 from featurebank.workers import preprocessing
 from featurebank.workers.backbones.base import BackboneInfo
 from featurebank.workers.messages import (
@@ -31,8 +28,6 @@ from featurebank.workers.messages import (
     PreprocessReady,
     PreprocessResult,
     PreprocessSetup,
-    Shutdown,
-    WorkerFailed,
 )
 
 logger = logging.getLogger(__name__)
@@ -42,94 +37,33 @@ logger = logging.getLogger(__name__)
 MAX_CHUNK_ITEMS = 64
 
 
-class PreprocessProcess:
-    """One spawned preprocessing process: its pipe and state; each chunk's round trip runs in its own thread."""
+class PreprocessProcess(ChildProcess):
+    """One spawned preprocessing process; each chunk's round trip runs in its ``thread``."""
 
-    _ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold gRPC threads
+    ready_type = PreprocessReady
 
     def __init__(self, setup: PreprocessSetup):
-        self.setup = setup
-        self.state = WorkerState.NEW
-        self.process: multiprocessing.process.BaseProcess | None = None
-        self.conn: multiprocessing.connection.Connection | None = None
-        self.killed_because: str | None = None
-        self.exited = False  # its sentinel fired (the pool's event loop watches it)
-        self.thread = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"preprocess-{setup.backbone}-{setup.process_index}"
-        )
-
-    def spawn(self) -> None:
-        parent, child = self._ctx.Pipe(duplex=True)
-        self.process = self._ctx.Process(
+        super().__init__(
+            setup,
             target=preprocessing.main,
-            args=(child, self.setup),
-            daemon=True,
-            name=f"featurebank-preprocess-{self.setup.backbone}-{self.setup.process_index}",
+            name=f"preprocess-{setup.backbone}-{setup.process_index}",
+            label=f"preprocessing {setup.backbone}-{setup.process_index}",
+            description=f"preprocessing of {setup.backbone!r}",
         )
-        self.state = WorkerState.STARTING
-        self.killed_because = None
-        self.exited = False
-        self.process.start()
-        child.close()
-        self.conn = parent
 
-    def wait_ready(self, timeout_s: float) -> PreprocessReady:
-        """Block until the process reports ready; raises WorkerSetupError or WorkerDied."""
-        msg = self._receive(timeout_s)
-        if isinstance(msg, WorkerFailed):
-            self.kill()
-            raise WorkerSetupError(f"preprocessing of {self.setup.backbone!r} failed to load: {msg.error}")
-        if not isinstance(msg, PreprocessReady):
-            raise WorkerSetupError(f"unexpected first message {type(msg).__name__}")
-        self.state = WorkerState.READY if msg.supported else WorkerState.DEAD
-        return msg
+    def _write(self, msg: Any) -> None:
+        preprocessing.send(self.conn, msg)
+
+    def _read(self) -> Any:
+        return preprocessing.receive(self.conn)
+
+    def _state_when_ready(self, ready: PreprocessReady) -> WorkerState:
+        return WorkerState.READY if ready.supported else WorkerState.DEAD
 
     def roundtrip(self, chunk: PreprocessChunk) -> PreprocessResult:
         """Send one chunk and wait for its result; raises WorkerDied if the process exits meanwhile."""
-        try:
-            preprocessing.send(self.conn, chunk)
-        except (BrokenPipeError, OSError, EOFError) as e:
-            raise WorkerDied(self.death_reason()) from e
-        return self._receive(None)
-
-    def _receive(self, timeout_s: float | None) -> Any:
-        ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], timeout_s)
-        if not ready:
-            self.kill()
-            raise WorkerDied(f"no answer within {timeout_s:.0f}s")
-        if self.conn in ready:
-            try:
-                return preprocessing.receive(self.conn)
-            except (EOFError, OSError):
-                pass
-        raise WorkerDied(self.death_reason())
-
-    def death_reason(self) -> str:
-        """Why the (exited) process died; marks it DEAD."""
-        self.state = WorkerState.DEAD
-        self.process.join(5)
-        reason = describe_exit(self.process.exitcode)
-        return f"{self.killed_because}; {reason}" if self.killed_because else reason
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
-        self.state = WorkerState.DEAD
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        if self.process is None:
-            return
-        try:
-            if self.process.is_alive():
-                preprocessing.send(self.conn, Shutdown())
-                self.process.join(timeout_s)
-        except (BrokenPipeError, OSError):
-            pass
-        self.kill()
-        if self.conn is not None:
-            self.conn.close()
-        self.thread.shutdown(wait=False)
+        self.write(chunk)
+        return self.receive()
 
 
 @dataclasses.dataclass(eq=False)
@@ -266,14 +200,14 @@ class PreprocessPool:
     async def _feed(self, p: PreprocessProcess) -> None:
         """Give one process chunks, one at a time; notice its death (busy or idle) and restart it."""
         loop = asyncio.get_running_loop()
-        fd = self._watch(p)
+        self._watch(p)
         try:
             while not self._closing:
                 if p.exited:
-                    self._unwatch(fd)
+                    p.unwatch_exit()
                     self._on_death(p, [], p.death_reason())
                     await self._restart_counted(p)
-                    fd = self._watch(p)
+                    self._watch(p)
                     continue
                 if not self._alone and not self._waiting:
                     self._work.clear()
@@ -289,17 +223,17 @@ class PreprocessPool:
                 try:
                     result = await self._watched(p, loop.run_in_executor(p.thread, p.roundtrip, chunk), len(jobs))
                 except WorkerDied as e:
-                    self._unwatch(fd)
+                    p.unwatch_exit()
                     self._on_death(p, jobs, str(e))
                     await self._restart(p)
-                    fd = self._watch(p)
+                    self._watch(p)
                     continue
                 finally:
                     self._free += 1
                 p.state = WorkerState.READY
                 self._resolve(jobs, result, time.monotonic() - started)
         finally:
-            self._unwatch(fd)
+            p.unwatch_exit()
 
     async def _restart_counted(self, p: PreprocessProcess) -> None:
         """Restart an idle process; meanwhile it is not counted among the free ones."""
@@ -322,23 +256,9 @@ class PreprocessPool:
             p.process.kill()
         return await done
 
-    def _watch(self, p: PreprocessProcess) -> int:
-        """Mark the process exited when its sentinel fires, and wake the feeders (an idle death counts too)."""
-        loop = asyncio.get_running_loop()
-        fd = p.process.sentinel
-
-        def on_exit() -> None:
-            loop.remove_reader(fd)
-            p.exited = True
-            self._work.set()
-
-        loop.add_reader(fd, on_exit)
-        return fd
-
-    @staticmethod
-    def _unwatch(fd: int | None) -> None:
-        if fd is not None:
-            asyncio.get_running_loop().remove_reader(fd)
+    def _watch(self, p: PreprocessProcess) -> None:
+        """Wake the feeders when the process exits (``p.exited``): an idle death counts too."""
+        p.watch_exit(self._work.set)
 
     def _resolve(self, jobs: list[_Job], result: PreprocessResult, chunk_s: float) -> None:
         histogram = self.metrics.preprocess_duration.labels(self.backbone)
@@ -366,43 +286,19 @@ class PreprocessPool:
         self._update_ready()
         for job in jobs:
             job.attempts += 1
-            crashes = self.crashes.count(job.item)
+            error = self.crashes.crashed(job.item, job.attempts, f"{self.backbone} preprocessing processes", reason)
             if job.future.done():
                 continue
-            if max(job.attempts, crashes) >= MAX_ATTEMPTS:
-                job.future.set_exception(
-                    WorkerCrashError(
-                        f"this input crashed {self.backbone} preprocessing processes {crashes} times ({reason}); "
-                        "not retried"
-                    )
-                )
-            else:
+            if error is None:
                 self._alone.append(job)
+            else:
+                job.future.set_exception(error)
         if self._alone:
             self._work.set()
 
     async def _restart(self, p: PreprocessProcess) -> None:
-        loop = asyncio.get_running_loop()
-        for attempt in itertools.count():
-            if self._closing:
-                return
-            try:
-                p.kill()
-                p.spawn()
-                await loop.run_in_executor(p.thread, p.wait_ready, self.start_timeout_s)
-                logger.info("preprocessing %s-%d is back", self.backbone, p.setup.process_index)
-                self._update_ready()
-                return
-            except (WorkerDied, WorkerSetupError) as e:
-                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
-                logger.error(
-                    "restarting preprocessing %s-%d failed (%s); next try in %.1fs",
-                    self.backbone,
-                    p.setup.process_index,
-                    e,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+        if await p.restart(self.start_timeout_s, lambda: self._closing):
+            self._update_ready()
 
     def _stop_all(self) -> None:
         for p in self.processes:

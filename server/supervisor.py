@@ -26,7 +26,7 @@ import socket
 import tempfile
 import time
 
-from featurebank.engine.pool import describe_exit
+from featurebank.engine.processes import describe_exit
 from featurebank.server.config import ServerConfig, is_loopback
 from featurebank.server.limits import PodLimits
 from featurebank.server.ports import PortInUseError

@@ -1,0 +1,196 @@
+"""A spawned child process of the engine (model worker or preprocessing): its pipe, state, death and restart."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from featurebank.workers.messages import Shutdown, WorkerFailed
+
+logger = logging.getLogger(__name__)
+
+# Waits between tries to restart a dead process (one that dies again at once is not respawned in a tight loop).
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class WorkerState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+class WorkerDied(Exception):
+    """The worker process exited while we waited on it."""
+
+
+class WorkerSetupError(RuntimeError):
+    """The backbone failed to load in a worker (bad name, missing weights, ...)."""
+
+
+def describe_exit(code: int | None) -> str:
+    """A human reason for a worker's exit code."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = ": killed, out of memory?" if -code == signal.SIGKILL else ""
+        return f"exit {code} ({name}{hint})"
+    return f"exit {code}"
+
+
+class ChildProcess:
+    """One spawned child running ``target(conn, setup)``: its pipe, state and why it died.
+
+    The child answers a ready message (``ready_type``) or WorkerFailed first, then serves requests
+    in order until Shutdown. Blocking calls (the ready handshake, replies) run in ``thread``, a
+    single thread, so they keep their order. Subclasses say how messages travel (``_write``,
+    ``_read``) and what state a ready message leaves the child in (``_state_when_ready``).
+    """
+
+    _ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold TF/gRPC threads
+    ready_type: type = object  # the first message of a child that loaded
+
+    def __init__(self, setup: Any, *, target: Callable[[Any, Any], None], name: str, label: str, description: str):
+        self.setup = setup
+        self.target = target
+        self.name = name  # its thread's name; the process is "featurebank-<name>"
+        self.label = label  # how logs name it, e.g. "worker toy-0"
+        self.description = description  # what failed to load, e.g. "backbone 'toy'"
+        self.state = WorkerState.NEW
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.conn: multiprocessing.connection.Connection | None = None
+        self.ready: Any = None  # its ready message
+        self.killed_because: str | None = None  # set by a watchdog before it kills the process
+        self.exited = False  # its sentinel fired, while an event loop watches it (watch_exit)
+        self.watched_fd: int | None = None  # its sentinel, while an event loop watches it
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def _write(self, msg: Any) -> None:
+        self.conn.send(msg)
+
+    def _read(self) -> Any:
+        return self.conn.recv()
+
+    def _state_when_ready(self, ready: Any) -> WorkerState:
+        return WorkerState.READY
+
+    def spawn(self) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        self.process = self._ctx.Process(
+            target=self.target, args=(child, self.setup), daemon=True, name=f"featurebank-{self.name}"
+        )
+        self.state = WorkerState.STARTING
+        self.killed_because = None
+        self.exited = False
+        self.process.start()
+        child.close()
+        self.conn = parent
+
+    def wait_ready(self, timeout_s: float) -> Any:
+        """Block until the child reports ready; raises WorkerSetupError or WorkerDied."""
+        msg = self.receive(timeout_s)
+        if isinstance(msg, WorkerFailed):
+            self.kill()
+            raise WorkerSetupError(f"{self.description} failed to load: {msg.error}")
+        if not isinstance(msg, self.ready_type):
+            raise WorkerSetupError(f"unexpected first message {type(msg).__name__}")
+        self.ready = msg
+        self.state = self._state_when_ready(msg)
+        return msg
+
+    def write(self, msg: Any) -> None:
+        """Write one message to the child's pipe; raises WorkerDied if the process is gone."""
+        try:
+            self._write(msg)
+        except (BrokenPipeError, OSError, EOFError) as e:
+            raise WorkerDied(self.death_reason()) from e
+
+    def receive(self, timeout_s: float | None = None) -> Any:
+        """Wait for the child's next message (replies come in the order requests were written)."""
+        ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], timeout_s)
+        if not ready:
+            self.kill()
+            raise WorkerDied(f"no answer within {timeout_s:.0f}s")
+        if self.conn in ready:
+            try:
+                return self._read()
+            except (EOFError, OSError):
+                pass
+        raise WorkerDied(self.death_reason())
+
+    def death_reason(self) -> str:
+        """Why the (exited) process died; marks it DEAD."""
+        self.state = WorkerState.DEAD
+        self.process.join(5)
+        reason = describe_exit(self.process.exitcode)
+        return f"{self.killed_because}; {reason}" if self.killed_because else reason
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.state = WorkerState.DEAD
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.process is None:
+            return
+        try:
+            if self.process.is_alive():
+                self._write(Shutdown())
+                self.process.join(timeout_s)
+        except (BrokenPipeError, OSError):
+            pass
+        self.kill()
+        if self.conn is not None:
+            self.conn.close()
+        self.thread.shutdown(wait=False)
+
+    def watch_exit(self, on_exit: Callable[[], None]) -> None:
+        """Set ``exited`` and call ``on_exit`` on the running loop when the process exits (busy or idle)."""
+        loop = asyncio.get_running_loop()
+        fd = self.process.sentinel
+
+        def fired() -> None:
+            loop.remove_reader(fd)
+            self.exited = True
+            on_exit()
+
+        loop.add_reader(fd, fired)
+        self.watched_fd = fd
+
+    def unwatch_exit(self) -> None:
+        """Stop watching; done before the process is replaced, so a recycled descriptor number is never
+        confused with the new sentinel."""
+        if self.watched_fd is not None:
+            asyncio.get_running_loop().remove_reader(self.watched_fd)
+            self.watched_fd = None
+
+    async def restart(self, start_timeout_s: float, closing: Callable[[], bool]) -> bool:
+        """Kill and respawn until it is ready again, backing off between tries; False if ``closing()`` stopped it."""
+        loop = asyncio.get_running_loop()
+        for attempt in itertools.count():
+            if closing():
+                return False
+            try:
+                self.kill()
+                self.spawn()
+                await loop.run_in_executor(self.thread, self.wait_ready, start_timeout_s)
+                logger.info("%s is back", self.label)
+                return True
+            except (WorkerDied, WorkerSetupError) as e:
+                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                logger.error("restarting %s failed (%s); next try in %.1fs", self.label, e, delay)
+                await asyncio.sleep(delay)
