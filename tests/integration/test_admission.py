@@ -250,3 +250,36 @@ def test_text_over_max_text_bytes_fails_alone_and_a_50_mb_text_is_refused(start_
             bank.extract(["fine", "x" * BIG_BYTES, "also fine"], backbone="minilm")
         assert big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert bank.extract(["the server keeps serving"], backbone="minilm").shape == (1, 384)
+
+
+def test_a_connection_kept_at_its_stream_limit_gets_no_refused_streams(start_server):
+    """64 calls kept in flight on one connection limited to 8 streams, for 400 calls: every call
+    succeeds. Calls over the limit wait in the client; none is refused when another one's stream
+    closes (before: gRPC counted a finished stream until its memory was freed, so the client's next
+    stream was refused: UNAVAILABLE "RST_STREAM with error code 7")."""
+    import asyncio
+    import collections
+
+    server = start_server("--backbone", "toy", "--max-concurrent-streams", "8", "--cache", "memory")
+    images = random_images(16, seed=504)
+    requests = [pb.ExtractRequest(backbone="toy", inputs=[pb.Input(image=x)]).SerializeToString() for x in images]
+    outcomes: collections.Counter = collections.Counter()
+
+    async def drive() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            call = channel.unary_unary(EXTRACT)  # bytes in, bytes out
+            await call(requests[0], timeout=60)  # connected, the server's settings known
+            todo = iter(range(400))
+
+            async def client() -> None:
+                for i in todo:
+                    try:
+                        await call(requests[i % len(requests)], timeout=60)
+                        outcomes["OK"] += 1
+                    except grpc.aio.AioRpcError as e:
+                        outcomes[f"{e.code().name}: {e.details()}"] += 1
+
+            await asyncio.gather(*(client() for _ in range(64)))
+
+    asyncio.run(drive())
+    assert outcomes == {"OK": 400}, outcomes
