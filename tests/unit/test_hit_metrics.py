@@ -9,16 +9,13 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_hit_path import _servicer
 
 from featurebank.client import content_key
 from featurebank.common import codec
-from featurebank.common.cache import LRUCache
 from featurebank.common.metrics import Metrics
-from featurebank.engine.batching import DynamicBatcher
 from featurebank.server.interceptors import StatusInterceptor
-from featurebank.server.servicer import FeatureBankServicer, ServedBackbone
 from featurebank.v1 import featurebank_pb2 as pb
-from featurebank.workers.backbones.base import BackboneInfo, LayerSpec
 
 
 class _Context:
@@ -50,22 +47,9 @@ def _scrape(metrics: Metrics) -> dict[tuple[str, tuple], float]:
 
 @pytest.fixture
 def served_app():
-    info = BackboneInfo(
-        name="b",
-        fingerprint="f" * 32,
-        input_kind="image",
-        default_layer="pooled",
-        layers=(LayerSpec("pooled", (4,)),),
-        input_size=(8, 8, 3),
-        preprocessing="none",
-    )
-    served = ServedBackbone(info=info, batcher=DynamicBatcher(max_batch_size=4, max_batch_delay_ms=1, max_queue_size=8))
-    metrics = Metrics()
-    servicer = FeatureBankServicer(
-        {"b": served}, LRUCache(1 << 20, 60), metrics, storage_dtype="float32", max_items_per_request=16
-    )
-    interceptor = StatusInterceptor(metrics)
-    return servicer, served, metrics, interceptor
+    """The in-process servicer of test_hit_path (backbone "b", 4 float32 features), with an interceptor."""
+    servicer, served = _servicer()
+    return servicer, served, servicer.metrics, StatusInterceptor(servicer.metrics)
 
 
 def test_scrape_counts_hits_not_found_and_failures_exactly(served_app):

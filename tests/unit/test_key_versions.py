@@ -7,36 +7,23 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
+from test_hit_path import _servicer
 
 from featurebank.client import content_key, tensors
 from featurebank.common import codec
-from featurebank.common.cache import LRUCache
 from featurebank.common.errors import InvalidArgumentError
-from featurebank.common.metrics import Metrics
-from featurebank.engine.batching import DynamicBatcher
 from featurebank.server.keys import cache_key
-from featurebank.server.servicer import FeatureBankServicer, ServedBackbone
 from featurebank.v1 import featurebank_pb2 as pb
-from featurebank.workers.backbones.base import BackboneInfo, LayerSpec
 
 FP = "f" * 32
 
 
 @pytest.fixture
 def app():
-    info = BackboneInfo(
-        name="b",
-        fingerprint=FP,
-        input_kind="image",
-        default_layer="pooled",
-        layers=(LayerSpec("pooled", (4,)),),
-        input_size=(8, 8, 3),
-        preprocessing="none",
-    )
-    served = ServedBackbone(info=info, batcher=DynamicBatcher(max_batch_size=4, max_batch_delay_ms=1, max_queue_size=8))
-    return FeatureBankServicer(
-        {"b": served}, LRUCache(1 << 20, 60), Metrics(), storage_dtype="float32", max_items_per_request=16
-    )
+    """The in-process servicer of test_hit_path (backbone "b", fingerprint FP)."""
+    servicer, served = _servicer()
+    assert served.info.fingerprint == FP
+    return servicer
 
 
 def _store(servicer, image: bytes, row, version: int) -> None:
