@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
-import json
 import logging
-import os
 import signal
 
 import grpc
@@ -26,7 +24,7 @@ from featurebank.server.head_store import open_head_store
 from featurebank.server.heads import HeadLimits
 from featurebank.server.interceptors import StatusInterceptor
 from featurebank.server.limits import PodLimits
-from featurebank.server.ports import PortInUseError, check_free
+from featurebank.server.ports import PortInUseError, check_free, write_port_file
 from featurebank.server.servicer import FeatureBankServicer, ServedBackbone
 from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 
@@ -312,21 +310,11 @@ class FeatureBankServer:
         await self.health_server.start()
 
     def _write_port_file(self, ready: bool) -> None:
-        if not self.config.port_file:
-            return
-        tmp = self.config.port_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(
-                {
-                    "port": self.port,
-                    "metrics_port": self.metrics_port,
-                    "health_port": self.health_port,
-                    "pid": os.getpid(),
-                    "ready": ready,
-                },
-                f,
+        if self.config.port_file:
+            write_port_file(
+                self.config.port_file,
+                {"port": self.port, "metrics_port": self.metrics_port, "health_port": self.health_port, "ready": ready},
             )
-        os.replace(tmp, self.config.port_file)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import os
 import socket
 
 
@@ -51,3 +53,11 @@ def check_free(what: str, host: str, port: int, flag: str) -> None:
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise PortInUseError(what, host, port, flag) from None
+
+
+def write_port_file(path: str, ports: dict) -> None:
+    """``--port-file``: the ports and state as JSON, replaced whole (a reader never sees half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({**ports, "pid": os.getpid()}, f)
+    os.replace(tmp, path)

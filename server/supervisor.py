@@ -29,7 +29,7 @@ import time
 from featurebank.engine.processes import describe_exit
 from featurebank.server.config import ServerConfig, is_loopback
 from featurebank.server.limits import PodLimits
-from featurebank.server.ports import PortInUseError
+from featurebank.server.ports import PortInUseError, write_port_file
 
 logger = logging.getLogger(__name__)
 
@@ -416,21 +416,15 @@ class Supervisor:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _write_port_file(self, ready: bool) -> None:
-        path = self.config.port_file
-        if not path:
-            return
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(
+        if self.config.port_file:
+            write_port_file(
+                self.config.port_file,
                 {
                     "port": self.port,
                     "metrics_port": self.metrics_port,
                     "health_port": self.health_port,
-                    "pid": os.getpid(),
                     "ready": ready,
                     "engine_pid": self.engine.pid if self.engine is not None else None,
                     "frontend_pids": [f.pid for f in self.frontends],
                 },
-                f,
             )
-        os.replace(tmp, path)
