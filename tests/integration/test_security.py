@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import time
 
 import grpc
@@ -255,6 +256,7 @@ def test_tenant_limits_refuse_that_tenant_only(start_server, tmp_path):
     from featurebank.v1 import featurebank_pb2 as pb
 
     faulty = "fixture_backbones:FaultyToy"
+    gate = tmp_path / "hold-preprocessing"  # while it exists, e's first items stay in flight
     (tmp_path / "tokens.json").write_text(
         json.dumps(
             {
@@ -273,7 +275,7 @@ def test_tenant_limits_refuse_that_tenant_only(start_server, tmp_path):
         str(tmp_path / "tokens.json"),
         "--max-batch-delay-ms",
         "1",
-        env={"FB_TEST_FORWARD_DELAY_MS": "600"},
+        env={"FB_TEST_FORWARD_DELAY_MS": "600", "FB_TEST_ITEM_GATE_FILE": str(gate)},
     )
     images = random_images(24, seed=880)
     with (
@@ -282,7 +284,9 @@ def test_tenant_limits_refuse_that_tenant_only(start_server, tmp_path):
         FeatureBank(server.target, token=TOKEN_G, timeout_s=60) as g,
         concurrent.futures.ThreadPoolExecutor(2) as ex,
     ):
+        gate.touch()
         busy = ex.submit(e.extract, images[:3], backbone=faulty)
+        wait_until(lambda: os.path.exists(f"{gate}.entered"), 60, "e's items held in preprocessing")
         wait_until(
             lambda: server.metric("featurebank_tenant_inflight_items", tenant="e") == 3, 20, "3 items of e in flight"
         )
@@ -290,6 +294,7 @@ def test_tenant_limits_refuse_that_tenant_only(start_server, tmp_path):
             e.extract(images[3:5], backbone=faulty)  # 3 + 2 > 4
         assert over.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_inflight_items=4" in over.value.message
+        gate.unlink()
         assert f.extract(images[5:13], backbone=faulty).shape == (8, 16)  # another tenant: unaffected
         assert e.extract(images[13:14], backbone=faulty).shape == (1, 16)  # 3 + 1 fits
         assert busy.result().shape == (3, 16)
