@@ -144,6 +144,14 @@ class Metrics:
             ["backbone"],
             registry=r,
         )
+        # Set by the engine alone, like queue_depth.
+        self.preprocess_waiting = Gauge(
+            "featurebank_preprocess_waiting_items",
+            "Items waiting for a preprocessing process (not yet counted in featurebank_queue_depth).",
+            ["backbone"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.preprocess_crashes = Counter(
             "featurebank_preprocess_crashes",
             "Preprocessing processes that died (crashed, killed or stuck) and were restarted.",

@@ -128,6 +128,7 @@ class PreprocessPool:
         self._chunk_ids = itertools.count()
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        self._waiting_gauge = metrics.preprocess_waiting.labels(backbone)
 
     @property
     def ready_count(self) -> int:
@@ -169,6 +170,7 @@ class PreprocessPool:
         """A future of ``item`` as model input; a bad input's future raises FeatureBankError."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append(_Job(item, future))
+        self._waiting_gauge.set(len(self._waiting))
         self._work.set()  # the free processes take it after this turn: with the rest of the turn's items
         return future
 
@@ -182,13 +184,19 @@ class PreprocessPool:
         if self._alone:
             return [self._alone.popleft()]
         share = min(MAX_CHUNK_ITEMS, math.ceil(len(self._waiting) / max(1, self._free)))
-        return [self._waiting.popleft() for _ in range(min(share, len(self._waiting)))]
+        jobs = [self._waiting.popleft() for _ in range(min(share, len(self._waiting)))]
+        self._waiting_gauge.set(len(self._waiting))
+        return jobs
 
     def _runnable(self, jobs: list[_Job]) -> list[_Job]:
-        """Drop jobs nobody waits for any more; refuse poison inputs without a process."""
+        """Drop jobs nobody waits for any more (counted as dropped, as the batcher counts its own);
+        refuse poison inputs without a process."""
         keep = []
+        now = asyncio.get_running_loop().time()
         for job in jobs:
             if job.future.done():
+                reason = job.item.abandoned(now) or "cancelled"
+                self.metrics.dropped_items.labels(self.backbone, reason).inc()
                 continue
             error = self.crashes.refusal(job.item, "preprocessing processes") if self.crashes else None
             if error is None:
@@ -314,6 +322,7 @@ class PreprocessPool:
                 job.future.set_exception(FeatureBankError("the server is shutting down", grpc.StatusCode.UNAVAILABLE))
         self._alone.clear()
         self._waiting.clear()
+        self._waiting_gauge.set(0)
         await asyncio.get_running_loop().run_in_executor(None, self._stop_all)
         self.enabled = False
         self.metrics.preprocess_ready.labels(self.backbone).set(0)

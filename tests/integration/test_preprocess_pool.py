@@ -147,3 +147,37 @@ def test_items_being_preprocessed_count_against_the_queue_bound(start_server, tm
         gate.unlink()
         assert first.result(60).shape == (4, 16)
         assert bank.extract(images[4:], backbone=FAULTY, cache_policy=1).shape == (1, 16)
+
+
+def test_items_cancelled_while_waiting_for_the_pool_are_counted_as_dropped(start_server, tmp_path):
+    """Items whose request is cancelled while they wait for a preprocessing process never reach it,
+    and featurebank_dropped_items_total{reason="cancelled"} counts them, as it does for items dropped
+    from the batch queue (before, the pool skipped them silently: the counter stayed at 0)."""
+    from featurebank.v1 import featurebank_pb2 as pb
+    from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
+
+    gate = tmp_path / "hold-preprocessing"
+    gate.touch()
+    server = start_server(
+        "--backbone", FAULTY, "--preprocess-workers", "1", env={"FB_TEST_ITEM_GATE_FILE": str(gate)}
+    )  # fmt: skip
+    images = random_images(4, seed=87)
+    with grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.FeatureBankStub(ch)
+        held = stub.Extract.future(pb.ExtractRequest(backbone=FAULTY, inputs=[pb.Input(image=images[0])]), timeout=60)
+        wait_until(lambda: os.path.exists(f"{gate}.entered"), 60, "the first item held in its process")
+        waiting = stub.Extract.future(
+            pb.ExtractRequest(backbone=FAULTY, inputs=[pb.Input(image=img) for img in images[1:]]), timeout=60
+        )
+        waiting_items = lambda: server.metric("featurebank_preprocess_waiting_items", backbone=FAULTY)  # noqa: E731
+        wait_until(lambda: waiting_items() == 3, 20, "the second request's 3 items waiting for the process")
+        waiting.cancel()
+        gate.unlink()
+        assert held.result().results[0].HasField("features")
+    wait_until(
+        lambda: server.metric("featurebank_dropped_items_total", backbone=FAULTY, reason="cancelled") >= 3,
+        10,
+        "the 3 cancelled items counted as dropped",
+    )
+    assert server.metric("featurebank_preprocess_duration_seconds_count", backbone=FAULTY) == 1
+    assert server.metric("featurebank_batch_size_sum", backbone=FAULTY) == 1
