@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import pickle
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,10 +61,16 @@ class PreprocessProcess(ChildProcess):
     def _state_when_ready(self, ready: PreprocessReady) -> WorkerState:
         return WorkerState.READY if ready.supported else WorkerState.DEAD
 
-    def roundtrip(self, chunk: PreprocessChunk) -> PreprocessResult:
-        """Send one chunk and wait for its result; raises WorkerDied if the process exits meanwhile."""
-        self.write(chunk)
-        return self.receive()
+    async def roundtrip(self, chunk: PreprocessChunk) -> PreprocessResult:
+        """Send one chunk and wait for its result, from the event loop (LoopChannel); raises
+        WorkerDied if the process exits meanwhile."""
+        channel = self.channel()
+        try:
+            await channel.send(pickle.dumps(chunk, protocol=preprocessing.PICKLE_PROTOCOL))
+            data = await channel.receive()
+        except EOFError:
+            raise await self.died() from None
+        return pickle.loads(data)
 
 
 @dataclasses.dataclass(eq=False)
@@ -207,7 +214,6 @@ class PreprocessPool:
 
     async def _feed(self, p: PreprocessProcess) -> None:
         """Give one process chunks, one at a time; notice its death (busy or idle) and restart it."""
-        loop = asyncio.get_running_loop()
         self._watch(p)
         try:
             while not self._closing:
@@ -229,7 +235,7 @@ class PreprocessPool:
                 self._free -= 1
                 started = time.monotonic()
                 try:
-                    result = await self._watched(p, loop.run_in_executor(p.thread, p.roundtrip, chunk), len(jobs))
+                    result = await self._watched(p, asyncio.ensure_future(p.roundtrip(chunk)), len(jobs))
                 except WorkerDied as e:
                     p.unwatch_exit()
                     self._on_death(p, jobs, str(e))
@@ -253,16 +259,19 @@ class PreprocessPool:
 
     async def _watched(self, p: PreprocessProcess, done: asyncio.Future, items: int) -> PreprocessResult:
         """The chunk's result; its process is killed (a crash) if it runs far past the slowest item seen."""
-        if self.watchdog_floor_s <= 0:
+        try:
+            if self.watchdog_floor_s <= 0:
+                return await done
+            limit_s = max(self.watchdog_floor_s, self.watchdog_multiple * self.slowest_item_s * items)
+            finished, _ = await asyncio.wait({done}, timeout=limit_s)
+            if not finished:
+                p.killed_because = f"stuck: its chunk of {items} ran past the watchdog's {limit_s:.1f}s; killed"
+                logger.error("preprocessing %s-%d %s", self.backbone, p.setup.process_index, p.killed_because)
+                self.metrics.watchdog_kills.labels(self.backbone).inc()
+                p.process.kill()
             return await done
-        limit_s = max(self.watchdog_floor_s, self.watchdog_multiple * self.slowest_item_s * items)
-        finished, _ = await asyncio.wait({done}, timeout=limit_s)
-        if not finished:
-            p.killed_because = f"stuck: its chunk of {items} ran past the watchdog's {limit_s:.1f}s; killed"
-            logger.error("preprocessing %s-%d %s", self.backbone, p.setup.process_index, p.killed_because)
-            self.metrics.watchdog_kills.labels(self.backbone).inc()
-            p.process.kill()
-        return await done
+        finally:
+            done.cancel()  # closing: the round trip stops with its feeder (a no-op once it is done)
 
     def _watch(self, p: PreprocessProcess) -> None:
         """Wake the feeders when the process exits (``p.exited``): an idle death counts too."""

@@ -9,7 +9,10 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +54,73 @@ def describe_exit(code: int | None) -> str:
     return f"exit {code}"
 
 
+class LoopChannel:
+    """Whole messages over a child's pipe, read and written by the event loop itself: no thread, no
+    hop between threads per message (each costs the loop a wake-up and the GIL a hand-over).
+
+    Messages are framed as ``multiprocessing.connection.Connection`` frames them (a 4-byte
+    big-endian length, or -1 and an 8-byte one), so the child's blocking Connection reads and
+    writes the same bytes. It holds a second descriptor of the same socket and never changes its
+    blocking mode (each call is MSG_DONTWAIT), so threads may still use the Connection before and
+    after (the ready handshake, Shutdown). Raises EOFError once the child's end is closed.
+    """
+
+    def __init__(self, conn: multiprocessing.connection.Connection):
+        self.conn = conn
+        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    async def send(self, data: bytes) -> None:
+        n = len(data)
+        header = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+        await self._send_all(memoryview(header + data) if n < 65536 else memoryview(header))
+        if n >= 65536:  # not copied into one buffer with its header
+            await self._send_all(memoryview(data).cast("B"))
+
+    async def receive(self) -> bytearray:
+        (n,) = struct.unpack("!i", await self._read_exactly(4))
+        if n == -1:
+            (n,) = struct.unpack("!Q", await self._read_exactly(8))
+        return await self._read_exactly(n)
+
+    async def _send_all(self, view: memoryview) -> None:
+        while view:
+            try:
+                view = view[self._sock.send(view, socket.MSG_DONTWAIT) :]
+            except BlockingIOError:
+                await self._ready(asyncio.get_running_loop().add_writer, asyncio.get_running_loop().remove_writer)
+            except OSError as e:  # EPIPE, ECONNRESET: the child is gone
+                raise EOFError(str(e)) from e
+
+    async def _read_exactly(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            try:
+                k = self._sock.recv_into(view[got:], n - got, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                await self._ready(asyncio.get_running_loop().add_reader, asyncio.get_running_loop().remove_reader)
+                continue
+            except OSError as e:
+                raise EOFError(str(e)) from e
+            if k == 0:
+                raise EOFError("the child closed its end")
+            got += k
+        return buf
+
+    async def _ready(self, add: Callable, remove: Callable) -> None:
+        """Wait until the socket is readable (add_reader) or writable (add_writer)."""
+        fut = asyncio.get_running_loop().create_future()
+        fd = self._sock.fileno()
+        add(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            remove(fd)
+
+
 class ChildProcess:
     """One spawned child running ``target(conn, setup)``: its pipe, state and why it died.
 
@@ -77,6 +147,7 @@ class ChildProcess:
         self.exited = False  # its sentinel fired, while an event loop watches it (watch_exit)
         self.watched_fd: int | None = None  # its sentinel, while an event loop watches it
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._channel: LoopChannel | None = None  # on ``conn``, made by ``channel()``
 
     def _write(self, msg: Any) -> None:
         self.conn.send(msg)
@@ -87,7 +158,24 @@ class ChildProcess:
     def _state_when_ready(self, ready: Any) -> WorkerState:
         return WorkerState.READY
 
+    def channel(self) -> LoopChannel:
+        """The event loop's channel on the current pipe (a new one after a restart)."""
+        if self._channel is None or self._channel.conn is not self.conn:
+            self._close_channel()
+            self._channel = LoopChannel(self.conn)
+        return self._channel
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    async def died(self) -> WorkerDied:
+        """WorkerDied with why the process died (it joins the process: off the event loop)."""
+        return WorkerDied(await asyncio.get_running_loop().run_in_executor(self.thread, self.death_reason))
+
     def spawn(self) -> None:
+        self._close_channel()
         parent, child = self._ctx.Pipe(duplex=True)
         self.process = self._ctx.Process(
             target=self.target, args=(child, self.setup), daemon=True, name=f"featurebank-{self.name}"
@@ -154,6 +242,7 @@ class ChildProcess:
         except (BrokenPipeError, OSError):
             pass
         self.kill()
+        self._close_channel()
         if self.conn is not None:
             self.conn.close()
         self.thread.shutdown(wait=False)
