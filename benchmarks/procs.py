@@ -179,7 +179,8 @@ def featurebank_server(
     ]
     if redis_url:
         args += ["--redis-url", redis_url]
-    return ServerProcess(*args, *(extra or []), name=name, workdir=workdir)
+    # The repository root on its path: a benchmark may serve one of its own backbones (null_backbone).
+    return ServerProcess(*args, *(extra or []), name=name, workdir=workdir, pythonpath=[REPO])
 
 
 REPO = pathlib.Path(__file__).resolve().parent.parent  # the baselines are modules of this folder, not installed

@@ -14,13 +14,14 @@ from typing import Any
 import grpc
 
 from featurebank.common.errors import FeatureBankError
+from featurebank.common.framing import frame, out_of_band
 from featurebank.common.metrics import Metrics
 from featurebank.engine.batching import DynamicBatcher, PendingItem
 from featurebank.engine.crashes import CrashLedger
 from featurebank.engine.processes import ChildProcess, WorkerDied, WorkerSetupError, WorkerState
 from featurebank.workers import worker as worker_main
 from featurebank.workers.backbones.base import BackboneInfo
-from featurebank.workers.messages import Batch, BatchResult, WorkerReady, WorkerSetup
+from featurebank.workers.messages import Batch, BatchResult, InputItem, WorkerReady, WorkerSetup
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ class WorkerProcess(ChildProcess):
     def spawn(self) -> None:
         self.busy_since = None
         super().spawn()
+
+    def _write(self, msg: Any) -> None:
+        # One frame (common/framing.py): pixel arrays and raw inputs beside the pickle, not in it.
+        self.conn.send_bytes(b"".join(frame(msg)))
 
     def send(self, batch: Batch) -> None:
         """Write one batch to the worker's pipe; raises WorkerDied if the process is gone."""
@@ -271,7 +276,11 @@ class WorkerPool:
         for it in items:
             self.metrics.queue_delay.labels(self.backbone).observe(now - it.enqueued_at)
         self.metrics.batch_size.labels(self.backbone).observe(len(items))
-        batch = Batch(next(self._batch_ids), [it.payload for it in items], [it.layer for it in items])
+        batch = Batch(
+            next(self._batch_ids),
+            [InputItem(it.payload.kind, out_of_band(it.payload.payload)) for it in items],
+            [it.layer for it in items],
+        )
         sent = loop.run_in_executor(w.send_thread, w.send, batch)
         received = loop.run_in_executor(w.thread, w.receive)
 

@@ -8,7 +8,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import pickle
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import grpc
 
 from featurebank.common.errors import FeatureBankError
+from featurebank.common.framing import frame, out_of_band, unframe
 from featurebank.common.metrics import Metrics
 from featurebank.engine.batching import PendingItem
 from featurebank.engine.crashes import CrashLedger
@@ -66,11 +66,11 @@ class PreprocessProcess(ChildProcess):
         WorkerDied if the process exits meanwhile."""
         channel = self.channel()
         try:
-            await channel.send(pickle.dumps(chunk, protocol=preprocessing.PICKLE_PROTOCOL))
+            await channel.send(frame(chunk))
             data = await channel.receive()
         except EOFError:
             raise await self.died() from None
-        return pickle.loads(data)
+        return unframe(data)  # its arrays are views of ``data``: no copy out of the message
 
 
 @dataclasses.dataclass(eq=False)
@@ -230,7 +230,10 @@ class PreprocessPool:
                 jobs = self._runnable(self._take_chunk())
                 if not jobs:
                     continue
-                chunk = PreprocessChunk(next(self._chunk_ids), [j.item.payload for j in jobs])
+                chunk = PreprocessChunk(
+                    next(self._chunk_ids),
+                    [InputItem(j.item.payload.kind, out_of_band(j.item.payload.payload)) for j in jobs],
+                )
                 p.state = WorkerState.BUSY
                 self._free -= 1
                 started = time.monotonic()

@@ -20,6 +20,7 @@ from featurebank.workers.messages import Shutdown, WorkerFailed
 
 logger = logging.getLogger(__name__)
 
+IOV_MAX = 1024  # parts one sendmsg call may take (Linux's limit)
 # Waits between tries to restart a dead process (one that dies again at once is not respawned in a tight loop).
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -72,12 +73,13 @@ class LoopChannel:
     def close(self) -> None:
         self._sock.close()
 
-    async def send(self, data: bytes) -> None:
-        n = len(data)
+    async def send(self, parts: list) -> None:
+        """Write one message made of ``parts`` (bytes-like, e.g. ``framing.frame``), gathered by the
+        kernel: they are not joined into one buffer first."""
+        views = [memoryview(p).cast("B") for p in parts]
+        n = sum(v.nbytes for v in views)
         header = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
-        await self._send_all(memoryview(header + data) if n < 65536 else memoryview(header))
-        if n >= 65536:  # not copied into one buffer with its header
-            await self._send_all(memoryview(data).cast("B"))
+        await self._send_all([memoryview(header), *(v for v in views if v.nbytes)])
 
     async def receive(self) -> bytearray:
         (n,) = struct.unpack("!i", await self._read_exactly(4))
@@ -85,14 +87,19 @@ class LoopChannel:
             (n,) = struct.unpack("!Q", await self._read_exactly(8))
         return await self._read_exactly(n)
 
-    async def _send_all(self, view: memoryview) -> None:
-        while view:
+    async def _send_all(self, views: list[memoryview]) -> None:
+        while views:
             try:
-                view = view[self._sock.send(view, socket.MSG_DONTWAIT) :]
+                sent = self._sock.sendmsg(views[:IOV_MAX], (), socket.MSG_DONTWAIT)
             except BlockingIOError:
                 await self._ready(asyncio.get_running_loop().add_writer, asyncio.get_running_loop().remove_writer)
+                continue
             except OSError as e:  # EPIPE, ECONNRESET: the child is gone
                 raise EOFError(str(e)) from e
+            while sent and sent >= views[0].nbytes:  # drop what went, keep the rest of a part cut short
+                sent -= views.pop(0).nbytes
+            if sent:
+                views[0] = views[0][sent:]
 
     async def _read_exactly(self, n: int) -> bytearray:
         buf = bytearray(n)

@@ -7,13 +7,13 @@ import collections
 import contextlib
 import itertools
 import logging
-import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from featurebank.common.errors import UnavailableError
+from featurebank.common.framing import out_of_band
 from featurebank.engine.misses import Computed
 from featurebank.server import engine_messages as msgs
 from featurebank.workers.backbones.base import BackboneInfo, InputItem
@@ -21,15 +21,12 @@ from featurebank.workers.backbones.base import BackboneInfo, InputItem
 logger = logging.getLogger(__name__)
 
 RECONNECT_S = (0.05, 0.1, 0.25, 0.5, 1.0)  # between tries while the engine starts or restarts
-OUT_OF_BAND_BYTES = 16 * 1024  # image bytes this large travel beside the pickle, not copied into it
 
 
 def _for_the_wire(item: InputItem) -> InputItem:
     """The item with large image bytes as a PickleBuffer: written to the socket as they are (the
     engine gets them back as bytes); small ones cost less in the pickle than as a buffer."""
-    if isinstance(item.payload, bytes) and len(item.payload) >= OUT_OF_BAND_BYTES:
-        return InputItem(item.kind, pickle.PickleBuffer(item.payload))
-    return item
+    return InputItem(item.kind, out_of_band(item.payload))
 
 
 class EngineClient:

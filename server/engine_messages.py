@@ -1,10 +1,9 @@
 """Typed messages between frontends and the engine, grouped by direction, and their framing on a stream.
 
-One frame is one message pickled with protocol 5: numpy arrays travel as out-of-band buffers,
-written to the socket as they are (no copy into the pickle) and read back as the arrays' memory
-(one copy, the socket read). Frame: ``!I`` buffer count n, ``!Q`` x (n + 1) lengths (the pickle,
-then each buffer), the pickle, the buffers. Large image bytes travel the same way (the frontend
-wraps them in a PickleBuffer: engine_client.py); small ones are in the pickle.
+One frame is one message pickled with protocol 5 (common/framing.py): numpy arrays travel as
+out-of-band buffers, written to the socket as they are (no copy into the pickle) and read back as
+the arrays' memory (one copy, the socket read). Large image bytes travel the same way (the
+frontend wraps them in a PickleBuffer: engine_client.py); small ones are in the pickle.
 """
 
 from __future__ import annotations
@@ -19,11 +18,8 @@ import grpc
 import numpy as np
 
 from featurebank.common import errors
+from featurebank.common.framing import COUNT, MAX_BUFFERS, frame
 from featurebank.workers.backbones.base import BackboneInfo, InputItem
-
-_COUNT = struct.Struct("!I")
-MAX_BUFFERS = 1 << 20  # a frame claiming more is not ours: the stream is out of step, close it
-
 
 # Frontend -> engine
 
@@ -99,15 +95,6 @@ def decode_error(encoded: tuple[str, str, str]) -> BaseException:
 # ------------------------------------------------------------------------------------- framing
 
 
-def frame(message: Any) -> list:
-    """The chunks of one frame, for ``writer.writelines`` (out-of-band buffers are not copied)."""
-    buffers: list[pickle.PickleBuffer] = []
-    body = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-    raws = [b.raw() for b in buffers]
-    header = _COUNT.pack(len(raws)) + struct.pack(f"!{len(raws) + 1}Q", len(body), *(r.nbytes for r in raws))
-    return [header, body, *raws]
-
-
 async def write_message(writer: asyncio.StreamWriter, message: Any) -> None:
     """Write one frame (in one call, so concurrent writers never interleave) and wait for room."""
     writer.writelines(frame(message))
@@ -116,7 +103,7 @@ async def write_message(writer: asyncio.StreamWriter, message: Any) -> None:
 
 async def read_message(reader: asyncio.StreamReader) -> Any:
     """The next message; asyncio.IncompleteReadError when the other side closed."""
-    (n,) = _COUNT.unpack(await reader.readexactly(_COUNT.size))
+    (n,) = COUNT.unpack(await reader.readexactly(COUNT.size))
     if n > MAX_BUFFERS:
         raise ConnectionError(f"bad frame: {n} buffers")
     lengths = struct.unpack(f"!{n + 1}Q", await reader.readexactly(8 * (n + 1)))

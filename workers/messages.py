@@ -22,11 +22,20 @@ __all__ = [
     "PreprocessChunk",
     "PreprocessReady",
     "PreprocessResult",
+    "with_bytes",
 ]
 
 # The kind of an InputItem a preprocessing process already turned into model input (its payload is
 # what ``Backbone.preprocess`` returned): the model worker runs only the forward pass on it.
 PREPROCESSED = "preprocessed"
+
+
+def with_bytes(item: InputItem) -> InputItem:
+    """The item with bytes for a payload that travelled out of band (it arrives as a memoryview of
+    the message read): backbones may call bytes' methods on it."""
+    if isinstance(item.payload, memoryview):
+        return InputItem(item.kind, item.payload.tobytes())
+    return item
 
 
 # Frontend -> worker

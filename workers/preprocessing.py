@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import sys
 import time
 import traceback
 
+from featurebank.common.framing import frame, unframe
 from featurebank.workers.messages import (
     PreprocessChunk,
     PreprocessReady,
@@ -16,6 +16,7 @@ from featurebank.workers.messages import (
     PreprocessSetup,
     Shutdown,
     WorkerFailed,
+    with_bytes,
 )
 from featurebank.workers.worker import limit_memory, preprocess_one
 
@@ -23,17 +24,17 @@ logger = logging.getLogger(__name__)
 
 # Its name in ps/top and /proc/PID/comm (15 characters at most), so it is told from a model worker.
 PROCESS_NAME = "fb-preprocess"
-PICKLE_PROTOCOL = 5  # numpy arrays travel as one buffer each, without a copy into an intermediate bytes
 
 
 def send(conn, msg) -> None:
-    """Pickle ``msg`` (protocol 5) and write it as one message."""
-    conn.send_bytes(pickle.dumps(msg, protocol=PICKLE_PROTOCOL))
+    """Write ``msg`` as one frame (common/framing.py: arrays and large bytes beside the pickle)."""
+    conn.send_bytes(b"".join(frame(msg)))
 
 
 def receive(conn):
-    """Read one message written by ``send``."""
-    return pickle.loads(conn.recv_bytes())
+    """Read one message written by ``send`` (or the engine's LoopChannel); its arrays and large
+    bytes are views of the message read."""
+    return unframe(conn.recv_bytes())
 
 
 def _name_process() -> None:
@@ -86,6 +87,7 @@ def serve(conn, backbone, memory_limit_mb: int = 0) -> None:
         assert isinstance(msg, PreprocessChunk), type(msg)
         values, errors, seconds = [], [], []
         for i, item in enumerate(msg.items):
+            item = with_bytes(item)
             start = time.perf_counter()
             value, error = preprocess_one(backbone, item, i, memory_limit_mb)
             seconds.append(time.perf_counter() - start)

@@ -13,6 +13,7 @@ import time
 import traceback
 from typing import Any
 
+from featurebank.common.framing import unframe
 from featurebank.workers.messages import (
     PREPROCESSED,
     Batch,
@@ -21,6 +22,7 @@ from featurebank.workers.messages import (
     WorkerFailed,
     WorkerReady,
     WorkerSetup,
+    with_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ def compute(backbone, batch: Batch, memory_limit_mb: int = 0) -> BatchResult:
         if item.kind == PREPROCESSED:
             value, error = item.payload, None
         else:
-            value, error = preprocess_one(backbone, item, i, memory_limit_mb)
+            value, error = preprocess_one(backbone, with_bytes(item), i, memory_limit_mb)
         if error is None:
             ready.append(value)
             index.append(i)
@@ -166,7 +168,7 @@ def serve(conn, backbone, memory_limit_mb: int = 0) -> None:
             try:
                 conn.poll(None)
                 readable = time.perf_counter()
-                msg = conn.recv()
+                msg = unframe(conn.recv_bytes())  # arrays and large bytes: views of what was read
             except (EOFError, OSError):
                 inbox.put(None)  # the frontend went away
                 return

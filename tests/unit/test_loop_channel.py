@@ -36,7 +36,7 @@ async def test_messages_of_any_size_cross_both_ways_with_a_blocking_connection_o
     thread.start()
     try:
         for p in payloads:
-            await channel.send(p)
+            await channel.send([p[: len(p) // 3], p[len(p) // 3 :]])  # in two parts, gathered
             assert bytes(await asyncio.wait_for(channel.receive(), 30)) == p[::-1]
         thread.join(10)
     finally:
@@ -69,7 +69,7 @@ async def test_a_closed_other_end_is_eof_for_a_waiting_read_and_for_a_write():
         await asyncio.wait_for(reading, 10)
     with pytest.raises(EOFError):
         for _ in range(50):  # the first write may still be taken by the kernel
-            await channel.send(b"y" * 70_000)
+            await channel.send([b"y" * 70_000])
     channel.close()
 
 
