@@ -14,14 +14,14 @@ from typing import Any
 import grpc
 
 from featurebank.common.errors import FeatureBankError
-from featurebank.common.framing import frame, out_of_band
+from featurebank.common.framing import frame
 from featurebank.common.metrics import Metrics
 from featurebank.engine.batching import DynamicBatcher, PendingItem
 from featurebank.engine.crashes import CrashLedger
 from featurebank.engine.processes import ChildProcess, WorkerDied, WorkerSetupError, WorkerState
 from featurebank.workers import worker as worker_main
 from featurebank.workers.backbones.base import BackboneInfo
-from featurebank.workers.messages import Batch, BatchResult, InputItem, WorkerReady, WorkerSetup
+from featurebank.workers.messages import Batch, BatchResult, WorkerReady, WorkerSetup, out_of_band_item
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class WorkerPool:
         self.metrics.batch_size.labels(self.backbone).observe(len(items))
         batch = Batch(
             next(self._batch_ids),
-            [InputItem(it.payload.kind, out_of_band(it.payload.payload)) for it in items],
+            [out_of_band_item(it.payload) for it in items],
             [it.layer for it in items],
         )
         sent = loop.run_in_executor(w.send_thread, w.send, batch)

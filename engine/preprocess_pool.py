@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from featurebank.common.errors import FeatureBankError
-from featurebank.common.framing import frame, out_of_band, unframe
+from featurebank.common.framing import frame, unframe
 from featurebank.common.metrics import Metrics
 from featurebank.engine.batching import PendingItem
 from featurebank.engine.crashes import CrashLedger
@@ -29,6 +29,7 @@ from featurebank.workers.messages import (
     PreprocessReady,
     PreprocessResult,
     PreprocessSetup,
+    out_of_band_item,
 )
 
 logger = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ class PreprocessPool:
                     continue
                 chunk = PreprocessChunk(
                     next(self._chunk_ids),
-                    [InputItem(j.item.payload.kind, out_of_band(j.item.payload.payload)) for j in jobs],
+                    [out_of_band_item(j.item.payload) for j in jobs],
                 )
                 p.state = WorkerState.BUSY
                 self._free -= 1

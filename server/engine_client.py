@@ -13,20 +13,14 @@ from typing import Any
 import numpy as np
 
 from featurebank.common.errors import UnavailableError
-from featurebank.common.framing import out_of_band
 from featurebank.engine.misses import Computed
 from featurebank.server import engine_messages as msgs
-from featurebank.workers.backbones.base import BackboneInfo, InputItem
+from featurebank.workers.backbones.base import BackboneInfo
+from featurebank.workers.messages import out_of_band_item
 
 logger = logging.getLogger(__name__)
 
 RECONNECT_S = (0.05, 0.1, 0.25, 0.5, 1.0)  # between tries while the engine starts or restarts
-
-
-def _for_the_wire(item: InputItem) -> InputItem:
-    """The item with large image bytes as a PickleBuffer: written to the socket as they are (the
-    engine gets them back as bytes); small ones cost less in the pickle than as a buffer."""
-    return InputItem(item.kind, out_of_band(item.payload))
 
 
 class EngineClient:
@@ -138,7 +132,7 @@ class EngineClient:
             backbone=served.info.name,
             layer=layer,
             keys=list(keys),
-            payloads=[_for_the_wire(payloads[k]) for k in keys],
+            payloads=[out_of_band_item(payloads[k]) for k in keys],  # large images beside the pickle
             timeout_s=None if deadline is None else max(0.0, deadline - loop.time()),
             tenant=tenant,
             claim=claim,

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from featurebank.common.framing import out_of_band
 from featurebank.workers.backbones.base import BackboneInfo, InputItem
 
 __all__ = [
@@ -22,12 +23,20 @@ __all__ = [
     "PreprocessChunk",
     "PreprocessReady",
     "PreprocessResult",
+    "out_of_band_item",
     "with_bytes",
 ]
 
 # The kind of an InputItem a preprocessing process already turned into model input (its payload is
 # what ``Backbone.preprocess`` returned): the model worker runs only the forward pass on it.
 PREPROCESSED = "preprocessed"
+
+
+def out_of_band_item(item: InputItem) -> InputItem:
+    """The item with large bytes as a PickleBuffer, to travel beside the pickle of a frame
+    (common/framing.py); the receiver gets a memoryview back (``with_bytes``)."""
+    payload = out_of_band(item.payload)
+    return item if payload is item.payload else InputItem(item.kind, payload)
 
 
 def with_bytes(item: InputItem) -> InputItem:

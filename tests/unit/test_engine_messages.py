@@ -60,8 +60,8 @@ def test_config_refuses_frontends_without_a_shared_cache():
 
 def test_large_image_bytes_travel_beside_the_pickle_and_arrive_as_bytes():
     """A 100 KB image payload is one out-of-band chunk (not in the pickle) and the engine reads the same bytes."""
-    from featurebank.server.engine_client import _for_the_wire
     from featurebank.workers.backbones.base import InputItem
+    from featurebank.workers.messages import out_of_band_item
 
     image = bytes(range(256)) * 400
     request = msgs.ComputeRequest(
@@ -69,7 +69,7 @@ def test_large_image_bytes_travel_beside_the_pickle_and_arrive_as_bytes():
         "toy",
         "pooled",
         ["k", "s"],
-        [_for_the_wire(InputItem("image", image)), _for_the_wire(InputItem("image", b"small"))],
+        [out_of_band_item(InputItem("image", image)), out_of_band_item(InputItem("image", b"small"))],
         None,
         "",
         True,
