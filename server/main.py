@@ -6,12 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 
 from featurebank.server import app, config
 from featurebank.server.embedded_cache import EmbeddedCacheError
 from featurebank.server.ports import PortInUseError
-
-logger = logging.getLogger("featurebank.server")
 
 
 def run(cfg: config.ServerConfig) -> int:
@@ -21,7 +20,7 @@ def run(cfg: config.ServerConfig) -> int:
     try:
         code = asyncio.run(app.serve(cfg))
     except (PortInUseError, EmbeddedCacheError) as e:
-        logger.error("featurebank serve: %s", e)
+        print(f"featurebank serve: {e}", file=sys.stderr)
         return 1
     return code or 0  # 1 when --frontends N gave up on an engine that kept dying
 
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config.from_args(args)
-    except ValueError as e:  # logging is not configured yet: its last-resort handler writes the bare line to stderr
-        logger.error("featurebank serve: %s", e)
+    except ValueError as e:
+        print(f"featurebank serve: {e}", file=sys.stderr)
         return 2
     return run(cfg)
